@@ -1,0 +1,160 @@
+"""Reading an adapter directory: its config and, lazily, its tensors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from converter.checkpoint import load_bin, safetensors_specs
+from converter.errors import BadInputError, UnsupportedAdapterError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+
+# PEFT types whose adapters live in extra input tokens or activations, not in weights.
+NOT_MERGEABLE = {
+    "PROMPT_TUNING": "prompt tuning learns virtual input tokens",
+    "MULTITASK_PROMPT_TUNING": "prompt tuning learns virtual input tokens",
+    "P_TUNING": "p-tuning learns virtual input tokens",
+    "PREFIX_TUNING": "prefix tuning learns per-layer key/value prefixes",
+    "ADAPTION_PROMPT": "adaption prompts add gated attention prompts",
+    "CPT": "context-aware prompt tuning learns virtual input tokens",
+}
+
+
+def known_peft_types() -> list[str]:
+    from peft import PeftType
+
+    return sorted(t.value for t in PeftType)
+
+
+@dataclass
+class Adapter:
+    directory: Path
+    config: dict
+    weights_file: Path
+    _tensors: dict[str, torch.Tensor] | None = None
+    _specs: dict[str, tuple] = field(default_factory=dict)  # key -> (dtype, shape)
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "")).upper()
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._specs[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[key]
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights_file), framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+def _checkpoints_hint(directory: Path) -> str | None:
+    found = sorted(
+        (p for p in directory.glob("checkpoint-*") if (p / ADAPTER_CONFIG).is_file()),
+        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+    )
+    if not found:
+        return None
+    names = ", ".join(p.name for p in found)
+    return (f"{directory} holds no adapter itself, only training checkpoints: {names}. "
+            f"Pass one of them, e.g. --adapter {found[-1]} (the latest)")
+
+
+def looks_like_adapter(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG).is_file()
+
+
+def looks_like_model(directory: Path) -> bool:
+    from converter.checkpoint import WEIGHT_INDEXES, WEIGHT_SINGLES
+
+    return (directory / "config.json").is_file() and any((directory / n).is_file() for n in WEIGHT_INDEXES + WEIGHT_SINGLES)
+
+
+def load_adapter(directory: Path) -> Adapter:
+    """Read and check an adapter directory; every problem is a BadInputError naming the fix."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInputError(f"adapter directory {directory} does not exist", hint="check the --adapter path")
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file():
+        hint = _checkpoints_hint(directory)
+        if hint:
+            raise BadInputError(hint)
+        if looks_like_model(directory):
+            raise BadInputError(f"{directory} is a full model (config.json and weights), not an adapter",
+                                hint="pass it as --base, and the adapter directory (with adapter_config.json) as --adapter")
+        raise BadInputError(f"{directory} has no {ADAPTER_CONFIG}",
+                            hint="point --adapter at the directory PEFT's save_pretrained wrote")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{config_path} is not valid JSON ({exc})", hint="restore the file PEFT wrote") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    known = known_peft_types()
+    if peft_type not in known:
+        raise UnsupportedAdapterError(
+            f"{config_path}: unknown peft_type {config.get('peft_type')!r}",
+            hint=f"this installation of PEFT knows: {', '.join(known)}; fix the adapter config or upgrade peft",
+        )
+    if peft_type in NOT_MERGEABLE:
+        raise UnsupportedAdapterError(
+            f"{directory}: a {peft_type} adapter cannot be merged into weights ({NOT_MERGEABLE[peft_type]})",
+            hint="serve it with PEFT as an adapter; only weight adapters (LoRA, DoRA, LoHa, IA3...) can be merged",
+        )
+    weights = next((directory / n for n in ADAPTER_WEIGHTS if (directory / n).is_file()), None)
+    if weights is None:
+        raise BadInputError(f"{directory} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}",
+                            hint="copy the adapter weights next to its config")
+    adapter = Adapter(directory, config, weights)
+    if weights.suffix == ".safetensors":
+        adapter._specs = {s.name: (s.dtype, s.shape) for s in safetensors_specs(weights)}
+    else:
+        adapter._tensors = load_bin(weights)
+        adapter._specs = {k: (v.dtype, tuple(v.shape)) for k, v in adapter._tensors.items()}
+    if not adapter._specs:
+        raise BadInputError(f"{weights} holds no tensors", hint="re-save the adapter")
+    return adapter
+
+
+def check_finite(adapter: Adapter) -> list[str]:
+    """Names of adapter tensors holding NaN or infinite values."""
+    bad = []
+    for key in adapter.keys():
+        t = adapter.get(key)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(key)
+    return bad
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+
+
+def is_base_checkpoint_dir(directory: Path) -> None:
+    """Refuse an adapter passed as --base."""
+    if looks_like_adapter(directory) and not looks_like_model(directory):
+        raise BadInputError(f"{directory} is an adapter (it has {ADAPTER_CONFIG}), not a base model",
+                            hint="pass it as --adapter, and the model it was trained on as --base")
+    if not directory.is_dir():
+        raise BadInputError(f"base directory {directory} does not exist", hint="check the --base path")
+    hint = _checkpoints_hint(directory) if not looks_like_model(directory) else None
+    if hint and not (directory / "config.json").is_file():
+        raise BadInputError(f"{directory} looks like a training output directory, not a base model",
+                            hint="pass the model the adapter was trained on as --base")
+
+
+

@@ -1,0 +1,196 @@
+"""Lazy access to the tensors of a checkpoint directory, never the whole model.
+
+Safetensors files are read through their headers (names, dtypes, shapes, byte ranges)
+and ``safe_open``; ``pytorch_model*.bin`` through ``torch.load(weights_only=True,
+mmap=True)``. Nothing is read until a tensor is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from converter.errors import BadInputError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int | None = None  # absolute byte range in a safetensors file
+    end: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * dtype_size(self.dtype)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, data start offset). Raises BadInputError for truncated or corrupt files."""
+    size = path.stat().st_size
+    fix = f"re-download or re-save {path.name}; the file is damaged"
+    if size < 8:
+        raise BadInputError(f"{path}: truncated safetensors file ({size} bytes)", hint=fix)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n <= 0 or 8 + n > size or n > 100_000_000:
+            raise BadInputError(f"{path}: corrupt safetensors header (header length {n}, file size {size})", hint=fix)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: corrupt safetensors header ({exc})", hint=fix) from None
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: corrupt safetensors header (not a JSON object)", hint=fix)
+    data_start = 8 + n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info.get("data_offsets", (0, -1))
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise BadInputError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}", hint=fix)
+        expected = dtype_size(SAFETENSORS_DTYPES[info["dtype"]])
+        for d in info.get("shape", []):
+            expected *= d
+        if end - begin != expected or data_start + end > size:
+            raise BadInputError(
+                f"{path}: truncated or corrupt safetensors file: tensor {name} needs bytes "
+                f"{data_start + begin}..{data_start + end} but the file has {size}",
+                hint=fix,
+            )
+    return header, data_start
+
+
+def safetensors_specs(path: Path) -> list[TensorSpec]:
+    header, data_start = read_safetensors_header(path)
+    specs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        specs.append(
+            TensorSpec(name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), path, data_start + begin, data_start + end)
+        )
+    specs.sort(key=lambda s: s.start)
+    return specs
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` restricted to tensors: a pickle that would run code is refused."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        raise BadInputError(
+            f"{path}: refused to load: it is not a plain tensor file that torch.load(weights_only=True) accepts "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+            hint="convert it to safetensors with a trusted tool, or obtain a safetensors copy; "
+            "pickles that run code are never loaded",
+        ) from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a model directory, in index order."""
+    for index_name in WEIGHT_INDEXES:
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise BadInputError(f"{index}: unreadable index ({exc})", hint="re-save the model") from None
+            names = list(dict.fromkeys(weight_map.values()))
+            missing = [n for n in names if not (directory / n).is_file()]
+            if missing:
+                raise BadInputError(f"{index} names shards that are missing: {', '.join(missing)}",
+                                    hint="download the missing shard files")
+            return [directory / n for n in names]
+    for single in WEIGHT_SINGLES:
+        if (directory / single).is_file():
+            return [directory / single]
+    return []
+
+
+class Checkpoint:
+    """The tensors of one model directory, read lazily."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.files = weight_files(self.directory)
+        if not self.files:
+            raise BadInputError(
+                f"{self.directory}: no model weights found (looked for {', '.join(WEIGHT_INDEXES + WEIGHT_SINGLES)})",
+                hint="point --base at a Hugging Face model directory that holds its weights",
+            )
+        self.specs: dict[str, TensorSpec] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._handles: dict[Path, object] = {}
+        for path in self.files:
+            if path.suffix == ".safetensors":
+                file_specs = safetensors_specs(path)
+            else:
+                tensors = load_bin(path)
+                self._bins[path] = tensors
+                file_specs = [TensorSpec(k, v.dtype, tuple(v.shape), path) for k, v in tensors.items()]
+            for spec in file_specs:
+                self.specs.setdefault(spec.name, spec)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return all(p.suffix == ".safetensors" for p in self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.specs
+
+    def get(self, name: str) -> torch.Tensor:
+        spec = self.specs[name]
+        if spec.file in self._bins:
+            return self._bins[spec.file][name]
+        handle = self._handles.get(spec.file)
+        if handle is None:
+            handle = self._handles[spec.file] = safe_open(str(spec.file), framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._bins.clear()
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.files)

@@ -1,0 +1,134 @@
+"""The ``converter`` command: a thin shim over ``convert`` and ``inspect``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from converter.errors import ConverterError
+
+EXIT_BAD_INPUT = 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING, stream=sys.stderr)
+    for noisy in ("transformers", "peft", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Merge LoRA-family adapters into their base models; write verified safetensors checkpoints."""
+
+
+@cli.command()
+@click.option("--base", required=True, help="Base model directory.")
+@click.option("--adapter", required=True, help="Adapter directory (adapter_config.json + weights).")
+@click.option("--output", required=True, help="Output directory (written as OUTPUT.partial, renamed last).")
+@click.option("--base-revision", default=None, help="Revision of the base; must match the adapter's record.")
+@click.option("--adapter-revision", default=None, help="Revision of the adapter (recorded).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Output dtype; auto keeps the base's.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--verify", type=click.Choice(["none", "modules", "full"]), default="full", show_default=True)
+@click.option("--quantize", multiple=True, help="Quantization method (repeatable).")
+@click.option("--force", is_flag=True, help="Replace an existing output made with other inputs or options.")
+@click.option("--strict", is_flag=True, help="Fail on warnings, e.g. an adapter whose deltas are all zero.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the base's own model code for full verification.")
+@click.option("--allow-base-mismatch", is_flag=True, help="Merge although the base revision differs.")
+@click.option("--max-logit-diff", type=float, default=None, help="Absolute bound on max |Δlogit| (full verify).")
+@click.option("--max-kl", type=float, default=None, help="Bound on the mean KL (full verify).")
+@click.option("--min-top1", type=float, default=None, help="Lower bound on top-1 agreement (full verify).")
+@click.option("--job-id", default=None, help="Name recorded in the receipt (default: the output's name).")
+def merge(**kw) -> None:
+    """Merge one adapter into one base."""
+    from pydantic import ValidationError
+
+    from converter.convert import convert
+    from converter.errors import BadInputError
+    from converter.options import MergeJob
+
+    if kw["quantize"]:
+        raise BadInputError(f"--quantize {' '.join(kw['quantize'])}: quantization is not available yet",
+                            hint="merge without --quantize")
+    kw["quantize"] = ()
+    try:
+        job = MergeJob(**kw)
+    except ValidationError as exc:
+        raise BadInputError([f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors()]) from None
+    result = convert(job)
+    if result.status == "skipped":
+        click.echo(f"{result.output}: already converted with the same inputs and options (fingerprint "
+                   f"{result.receipt['fingerprint'][:12]}); nothing to do")
+        return
+    _summary(result)
+
+
+def _summary(result) -> None:
+    r = result.receipt
+    v = r["verification"]
+    click.echo(f"wrote {result.output}")
+    c = r["counts"]
+    click.echo(f"  engine {r['engine']}, dtype {r['dtype']}: {c['merged']} merged, {c['replaced']} replaced, "
+               f"{c['copied']} copied, {c['added']} added")
+    if v.get("modules"):
+        click.echo(f"  module probes: {v['modules']['checked']} modules, max relative error "
+                   f"{v['modules']['max_rel_err']:.3g} (tolerance {v['modules']['tolerance']:g})")
+    if v.get("full"):
+        f = v["full"]
+        kl = "n/a" if f["kl"] is None else f"{f['kl']:.3g}"
+        top1 = "n/a" if f["top1"] is None else f"{f['top1']:.3f}"
+        click.echo(f"  merged vs unmerged outputs: max |Δ| {f['max_abs_diff']:.3g}, KL {kl}, top-1 agreement {top1}")
+    if v.get("note"):
+        click.echo(f"  note: {v['note']}")
+    for w in r["warnings"]:
+        click.echo(f"  WARNING: {w}", err=True)
+    t = r["timings"]
+    click.echo(f"  {t['total_s']:.2f}s, peak RSS {r['peak_rss_bytes']['merge'] / 2**20:.0f} MiB while merging")
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--base", default=None, help="Base model directory to check the adapter against.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(adapter: str, base: str | None, as_json: bool) -> None:
+    """What ADAPTER changes, and whether it fits BASE."""
+    from converter.inspect import inspect_adapter, render
+
+    summary = inspect_adapter(adapter, base)
+    click.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 job failed, 2 bad arguments or input)."""
+    _setup_logging()
+    try:
+        cli.main(args=argv, prog_name="converter", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except ConverterError as exc:
+        kind = "error" if exc.exit_code == EXIT_BAD_INPUT else "failed"
+        click.echo(f"{kind}: {exc}", err=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

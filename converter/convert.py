@@ -1,0 +1,305 @@
+"""``convert(job) -> JobResult``: check, merge (streaming), verify, publish. One pair."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from converter import publish
+from converter.adapter import Adapter, check_finite, is_base_checkpoint_dir, load_adapter
+from converter.checkpoint import Checkpoint
+from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
+                              VerificationError)
+from converter.merge import PROBE_TOLERANCE, output_specs, stream_merge
+from converter.modelinfo import ModelInfo, describe
+from converter.options import DTYPES, MergeJob
+from converter.plan import MergePlan, build_plan, needs_peft_engine
+from converter.resources import peak_rss_bytes, reset_peak_rss, versions
+from converter.verify import Tolerance, fits_in_memory, full_verification, judge
+from converter.writer import ShardedWriter
+
+log = logging.getLogger("converter")
+ENGINE_VERSION = 1
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    status: str  # "succeeded" | "skipped" | "failed"
+    output: Path
+    receipt: dict | None = None
+    error: str | None = None
+    exit_code: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inputs:
+    """Everything learnt before any work starts."""
+
+    adapter: Adapter
+    base: Checkpoint
+    info: ModelInfo
+    plan: MergePlan | None
+    engine: str
+    engine_reason: str | None
+    out_dtype: torch.dtype
+    fingerprint: str
+    warnings: list[str]
+
+
+def convert(job: MergeJob) -> JobResult:
+    """Convert one (base, adapter) pair; raises ConverterError subclasses on failure."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    inputs = inspect_job(job)
+    timings["inspect_s"] = time.perf_counter() - t0
+    out, partial = job.output, partial_dir(job.output)
+    existing = publish.read_receipt(out) if out.exists() else None
+    if existing and existing.get("fingerprint") == inputs.fingerprint and existing.get("status") == "succeeded":
+        return JobResult(job.id, "skipped", out, existing)
+    if out.exists() and not job.force:
+        why = "its receipt has another fingerprint" if existing else "it has no receipt of a finished conversion"
+        raise OutputExistsError(f"output {out} already exists and {why}",
+                                hint="pass --force to replace it, or choose another --output")
+    if inputs.plan is not None and job.strict and inputs.warnings:
+        raise BadInputError(inputs.warnings, hint="--strict turns these warnings into errors")
+
+    if partial.exists():  # left by a run that crashed: never taken as done
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise MergeError(f"cannot create {partial}: {exc.strerror or exc}; check that the output location "
+                         "is writable") from None
+    hasher = ThreadPoolExecutor(1)
+    hashes = hasher.submit(lambda: {p.name: publish.sha256_file(p) for p in inputs.base.files})
+    try:
+        receipt = _produce(job, inputs, partial, timings)
+        receipt["base"]["files"] = hashes.result()
+        receipt["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 3)}
+        _write_receipt(partial, receipt, job)
+        _swap_in(partial, out)
+    except BaseException:
+        hasher.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    hasher.shutdown()
+    inputs.base.close()
+    return JobResult(job.id, "succeeded", out, receipt, warnings=receipt["warnings"])
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + publish.PARTIAL_SUFFIX)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for but torch sees no CUDA device",
+                            hint="use --device cpu or auto, or install a CUDA build of torch")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def inspect_job(job: MergeJob) -> Inputs:
+    """Everything that can be checked without writing: all problems at once where possible."""
+    base_dir, adapter_dir = Path(job.base), Path(job.adapter)
+    is_base_checkpoint_dir(base_dir)
+    adapter = load_adapter(adapter_dir)
+    recorded = adapter.config.get("revision")
+    if job.base_revision and recorded and recorded != job.base_revision and not job.allow_base_mismatch:
+        raise AdapterMismatchError(
+            f"--base-revision {job.base_revision} differs from revision {recorded} recorded in "
+            f"{adapter_dir / 'adapter_config.json'}",
+            hint=f"merge into the base at revision {recorded}, or pass --allow-base-mismatch if you know they match")
+    base = Checkpoint(base_dir)
+    info = describe(base_dir, list(base.specs), job.trust_remote_code)
+    nonfinite = check_finite(adapter)
+    if nonfinite:
+        raise BadInputError(f"adapter tensor(s) hold NaN or infinite values: {', '.join(nonfinite[:10])}",
+                            hint="the adapter is broken (diverged training?): use an earlier checkpoint")
+    engine_reason = needs_peft_engine(adapter)
+    plan = None if engine_reason else build_plan(adapter, base, info)
+    warnings = _zero_delta_warnings(adapter, plan) if plan is not None else []
+    out_dtype = _output_dtype(job.dtype, base)
+    resolve_device(job.device)
+    parts = {
+        "engine_version": ENGINE_VERSION,
+        "options": job.fingerprint_options(),
+        "base": {"files": [publish.file_identity(p) for p in base.files],
+                 "config": publish.sha256_file(base_dir / "config.json") if (base_dir / "config.json").is_file() else None},
+        "adapter": {p.name: publish.sha256_file(p) for p in adapter.files()},
+    }
+    return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason, out_dtype,
+                  publish.fingerprint(parts), warnings)
+
+
+def _output_dtype(requested: str, base: Checkpoint) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    by_dtype: dict[torch.dtype, int] = {}
+    for spec in base.specs.values():
+        if spec.dtype.is_floating_point:
+            by_dtype[spec.dtype] = by_dtype.get(spec.dtype, 0) + spec.nbytes
+    return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+
+
+def _zero_delta_warnings(adapter: Adapter, plan: MergePlan) -> list[str]:
+    zero = [m for m, op in plan.modules.items()
+            if not bool(adapter.get(op.b_key).any()) or not bool(adapter.get(op.a_key).any())]
+    others = [t for t in plan.tensors.values() if t.replace_key or t.rows_key or t.bias_key]
+    if plan.modules and len(zero) == len(plan.modules) and not others:
+        return [f"the adapter changes nothing: lora_B (or lora_A) is all zeros in all {len(zero)} modules "
+                "(an untrained adapter, or one saved before training)"]
+    if zero:
+        return [f"{len(zero)} of {len(plan.modules)} LoRA modules have all-zero deltas: {', '.join(zero[:8])}"]
+    return []
+
+
+def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dict:
+    device = resolve_device(job.device)
+    warnings = list(inputs.warnings)
+    for w in warnings:
+        log.warning(w)
+    reset_peak_rss()
+    t = time.perf_counter()
+    if inputs.plan is not None:
+        plan = inputs.plan
+        writer = ShardedWriter(partial, output_specs(plan, inputs.out_dtype), job.max_shard_size)
+        try:
+            stats = stream_merge(plan, inputs.base, inputs.adapter, writer, inputs.out_dtype, device,
+                                 probe=job.verify != "none")
+            writer.finalize()
+        finally:
+            writer.abort()
+        counts = {
+            "merged": plan.count("merge"), "replaced": plan.count("replace"), "copied": plan.count("copy"),
+            "added": plan.count("add"), "changed": stats.changed}
+        if stats.changed == 0:
+            msg = "the merged weights equal the base's: the adapter changes nothing at this output dtype"
+            if job.strict:
+                raise MergeError(msg + " (--strict)")
+            if not any("changes nothing" in w for w in warnings):
+                warnings.append(msg)
+                log.warning(msg)
+        vocab_size, untie = plan.vocab_size, plan.untie
+    else:
+        from converter.fallback import peft_merge
+
+        counts, vocab_size, untie = peft_merge(job, inputs, partial, device)
+        stats = None
+    timings["merge_s"] = round(time.perf_counter() - t, 3)
+    merge_peak = peak_rss_bytes()
+
+    kept = publish.copy_non_weight_files(Path(job.base), Path(job.adapter), partial)
+    dtype_name = str(inputs.out_dtype).removeprefix("torch.")
+    if inputs.plan is not None or not (partial / "config.json").is_file():
+        publish.write_config(inputs.info.config, partial, dtype_name, vocab_size, untie)
+
+    verification = _verify(job, inputs, partial, stats, vocab_size, timings)
+    return {
+        "schema": 1,
+        "job_id": job.id,
+        "status": "succeeded",
+        "fingerprint": inputs.fingerprint,
+        "engine": inputs.engine,
+        "engine_reason": inputs.engine_reason,
+        "base": {"source": str(Path(job.base).resolve()), "revision": job.base_revision, "files": {}},
+        "adapter": {"source": str(Path(job.adapter).resolve()), "revision": job.adapter_revision,
+                    "recorded_base_revision": inputs.adapter.config.get("revision"),
+                    "files": {p.name: publish.sha256_file(p) for p in inputs.adapter.files()},
+                    "peft_type": inputs.adapter.peft_type, "options": _adapter_options(inputs.adapter.config)},
+        "counts": counts,
+        "dtype": dtype_name,
+        "untied_embeddings": untie,
+        "vocab_size": vocab_size,
+        "kept_files": kept,
+        "verification": verification,
+        "quantization": [],
+        "warnings": warnings,
+        "versions": versions(),
+        "host": {"hostname": socket.gethostname(), "device": str(device)},
+        "peak_rss_bytes": {"merge": merge_peak, "total": peak_rss_bytes()},
+    }
+
+
+def _adapter_options(config: dict) -> dict:
+    keys = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "target_modules",
+            "modules_to_save", "trainable_token_indices", "bias", "lora_bias", "layers_to_transform", "fan_in_fan_out",
+            "task_type", "base_model_name_or_path", "revision")
+    return {k: config[k] for k in keys if k in config}
+
+
+def _verify(job: MergeJob, inputs: Inputs, partial: Path, stats, vocab_size, timings) -> dict:
+    result: dict = {"requested": job.verify, "level": "none", "passed": True, "note": None, "modules": None,
+                    "full": None}
+    if job.verify == "none":
+        return result
+    if stats is not None:
+        tol = PROBE_TOLERANCE.get(inputs.out_dtype, 1e-2)
+        result["modules"] = {"checked": len(stats.probes), "max_rel_err": max(stats.probes.values(), default=0.0),
+                             "tolerance": tol}
+        result["level"] = "modules"
+        if stats.failed_probes:
+            raise VerificationError("module probes over tolerance: " + "; ".join(stats.failed_probes[:10]))
+    if job.verify != "full":
+        return result
+    info = inputs.info
+    if not info.instantiable:
+        result["note"] = f"full verification skipped, modules only: {info.note}"
+        log.warning(result["note"])
+        return result
+    fp32_bytes = sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in inputs.base.specs.values())
+    if not fits_in_memory(fp32_bytes):
+        result["note"] = "full verification skipped, modules only: the model does not fit this worker's memory"
+        log.warning(result["note"])
+        return result
+    t = time.perf_counter()
+    figures = full_verification(info.model_cls, Path(job.base), Path(job.adapter), partial, vocab_size,
+                                job.trust_remote_code)
+    timings["verify_s"] = round(time.perf_counter() - t, 3)
+    tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1)
+    result["full"] = {**figures, "tolerance": tol.__dict__}
+    result["level"] = "full"
+    failures = judge(figures, tol)
+    if failures:
+        raise VerificationError(f"the merged model's outputs differ from the unmerged adapter's: {'; '.join(failures)}. "
+                                "Nothing was published. Loosen --max-logit-diff/--max-kl/--min-top1 only if this "
+                                "is expected (e.g. a narrow --dtype)")
+    return result
+
+
+def _write_receipt(partial: Path, receipt: dict, job: MergeJob) -> None:
+    import json
+
+    try:
+        (partial / "README.md").write_text(publish.model_card(receipt, str(job.base), str(job.adapter)))
+        (partial / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
+        publish.fsync_dir(partial)
+    except OSError as exc:
+        raise MergeError(f"could not write the receipt in {partial}: {exc.strerror or exc}") from None
+
+
+def _swap_in(partial: Path, out: Path) -> None:
+    """The last step: ``<out>.partial`` becomes ``<out>`` (an old output is moved aside first)."""
+    old = None
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    partial.rename(out)
+    publish.fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["ConverterError", "JobResult", "convert", "inspect_job"]

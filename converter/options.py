@@ -1,0 +1,58 @@
+"""Job options: frozen data, parsed once at the edge (CLI or manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class MergeJob(BaseModel):
+    """One (base, adapter) pair and how to convert it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: str | None = None
+    base: Path
+    adapter: Path
+    output: Path
+    base_revision: str | None = None
+    adapter_revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_shard_size: str = "5GB"
+    verify: Literal["none", "modules", "full"] = "full"
+    quantize: tuple[str, ...] = ()
+    force: bool = False
+    strict: bool = False
+    trust_remote_code: bool = False
+    allow_base_mismatch: bool = False
+    max_logit_diff: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        try:
+            if parse_size_to_int(value) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{value!r} is not a size like 5GB, 500MB or 200KB") from None
+        return value
+
+    @property
+    def id(self) -> str:
+        return self.job_id or self.output.name
+
+    def fingerprint_options(self) -> dict:
+        """The options that change what is written (not --force, not where it goes)."""
+        return self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
+                                                     "base_revision", "allow_base_mismatch", "max_logit_diff",
+                                                     "max_kl", "min_top1"})

