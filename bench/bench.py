@@ -407,6 +407,7 @@ def main(argv=None) -> int:
             cmd = build_cmd(m, base, adapter, out, args.device, shard)
             r = run_once(m, cmd, out, logs / f"{args.preset}-{m}-{i}.log", args.timeout)
             r["repeat"] = i
+            r["loadavg_1m_after"] = os.getloadavg()[0]
             runs.append(r)
             if r["ok"]:
                 print(f"[bench] {m} #{i}: {r['wall_s']:.2f}s (proc {r['proc_s']:.2f} + sync {r['sync_s']:.2f}), "

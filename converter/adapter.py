@@ -51,12 +51,11 @@ class Adapter:
         return self._specs[key][1]
 
     def get(self, key: str) -> torch.Tensor:
-        if self._tensors is not None:
-            return self._tensors[key]
-        from safetensors import safe_open
+        if self._tensors is None:
+            from safetensors.torch import load_file
 
-        with safe_open(str(self.weights_file), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+            self._tensors = load_file(self.weights_file)  # adapters are small next to their base
+        return self._tensors[key]
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.directory.iterdir() if p.is_file())

@@ -1,7 +1,8 @@
 """Lazy access to the tensors of a checkpoint directory, never the whole model.
 
 Safetensors files are read through their headers (names, dtypes, shapes, byte ranges)
-and ``safe_open``; ``pytorch_model*.bin`` through ``torch.load(weights_only=True,
+and ranged reads into fresh tensors (no mmap, so file pages do not pile up in RSS);
+``pytorch_model*.bin`` through ``torch.load(weights_only=True,
 mmap=True)``. Nothing is read until a tensor is asked for.
 """
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from converter.errors import BadInputError
 
@@ -109,6 +109,22 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
     return specs
 
 
+def read_range(spec: TensorSpec) -> torch.Tensor:
+    out = torch.empty(spec.shape, dtype=spec.dtype)
+    if spec.end == spec.start:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    with open(spec.file, "rb", buffering=0) as f:
+        f.seek(spec.start)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise BadInputError(f"{spec.file}: truncated while reading {spec.name}", hint="re-download the file")
+            done += n
+    return out
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors: a pickle that would run code is refused."""
     try:
@@ -161,7 +177,6 @@ class Checkpoint:
             )
         self.specs: dict[str, TensorSpec] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
-        self._handles: dict[Path, object] = {}
         for path in self.files:
             if path.suffix == ".safetensors":
                 file_specs = safetensors_specs(path)
@@ -180,16 +195,13 @@ class Checkpoint:
         return name in self.specs
 
     def get(self, name: str) -> torch.Tensor:
+        """A fresh CPU tensor read with plain reads (no mmap: file pages do not pile up in RSS)."""
         spec = self.specs[name]
         if spec.file in self._bins:
             return self._bins[spec.file][name]
-        handle = self._handles.get(spec.file)
-        if handle is None:
-            handle = self._handles[spec.file] = safe_open(str(spec.file), framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        return read_range(spec)
 
     def close(self) -> None:
-        self._handles.clear()
         self._bins.clear()
 
     def total_bytes(self) -> int:

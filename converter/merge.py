@@ -35,7 +35,9 @@ def output_specs(plan: MergePlan, out_dtype: torch.dtype) -> list[OutSpec]:
 def merged_value(tp: TensorPlan, base: Checkpoint, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
     """W' for one tensor in fp32: replacement, LoRA / DoRA, lora_bias, trainable token rows."""
     f32 = dict(device=device, dtype=torch.float32)
-    weight = adapter.get(tp.replace_key).to(**f32) if tp.replace_key else base.get(tp.source).to(**f32)
+    # PEFT merges into the base as loaded in the output dtype: round to it first (exact when widening)
+    weight = adapter.get(tp.replace_key) if tp.replace_key else base.get(tp.source)
+    weight = weight.to(out_dtype).to(**f32)
     if tp.lora is not None:
         weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
     if tp.bias_key:
@@ -101,11 +103,11 @@ def stream_merge(plan: MergePlan, base: Checkpoint, adapter: Adapter, writer: Sh
                 writer.write(name, base.get(tp.source).to(dtype))
             continue
         value = merged_value(tp, base, adapter, dtype, device)
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise MergeError(f"the merged value of {name} holds NaN or infinite values")
         out = value.to(dtype).cpu()
         if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-            raise MergeError(f"the merged value of {name} overflows {dtype} (NaN or inf after the cast): "
+            if not bool(torch.isfinite(value).all()):
+                raise MergeError(f"the merged value of {name} holds NaN or infinite values")
+            raise MergeError(f"the merged value of {name} overflows {dtype} (inf after the cast): "
                              "choose a wider --dtype (float32 or bfloat16)")
         before = adapter.get(tp.replace_key) if tp.replace_key else base.get(tp.source)
         if before.shape != out.shape or not torch.equal(before.to(dtype), out):

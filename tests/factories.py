@@ -60,10 +60,14 @@ def build(config, cls=None, seed: int = 0, dtype=torch.float32):
 def save_base(model, path: Path, fmt: str = "safetensors", max_shard_size: str = "1GB") -> Path:
     """Save a base model as ``safetensors`` (single/sharded by max_shard_size) or ``bin``."""
     path = Path(path)
-    if fmt == "bin":
-        model.save_pretrained(path, safe_serialization=False, max_shard_size=max_shard_size)
-    else:
-        model.save_pretrained(path, max_shard_size=max_shard_size)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    if fmt == "bin":  # transformers 5 writes safetensors regardless: write the .bin ourselves
+        for f in path.glob("*.safetensors*"):
+            f.unlink()
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        torch.save(sd, path / "pytorch_model.bin")
     return path
 
 

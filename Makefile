@@ -1,0 +1,29 @@
+# converter: make demo | make test | make bench | make setup
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+# On a machine without an NVIDIA GPU, pin the CPU build of torch so no CUDA wheels are pulled.
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py --workdir demo-out
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache
