@@ -281,7 +281,9 @@ def _write_receipt(partial: Path, receipt: dict, job: MergeJob) -> None:
     import json
 
     try:
-        (partial / "README.md").write_text(publish.model_card(receipt, str(job.base), str(job.adapter)))
+        recorded = receipt["adapter"]["options"].get("base_model_name_or_path")
+        base_name = recorded or Path(job.base).resolve().name
+        (partial / "README.md").write_text(publish.model_card(receipt, base_name, Path(job.adapter).resolve().name))
         (partial / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
         publish.fsync_dir(partial)
     except OSError as exc:
