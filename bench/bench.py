@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -90,6 +91,15 @@ fd = os.open(dst, os.O_RDONLY)
 os.fsync(fd)
 os.close(fd)
 """
+
+
+def converter_fingerprint() -> str:
+    """Short hash of converter/*.py, so runs made against different code are visible."""
+    h = hashlib.sha256()
+    for f in sorted((REPO / "converter").rglob("*.py")):
+        h.update(str(f.relative_to(REPO)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def converter_cmd() -> list[str]:
@@ -264,6 +274,12 @@ def summarize(methods, runs) -> dict:
             peak_rss_mb_all=[round(r["peak_rss_mb"], 1) for r in ok],
             out_bytes=ok[0]["out_bytes"], out_files=ok[0]["out_files"],
         )
+        srcs = sorted({r["converter_src"] for r in rs if r.get("converter_src")})
+        if srcs:
+            summ[m]["converter_src"] = srcs
+            if len(srcs) > 1 or any(r.get("converter_src_changed_during_run") for r in rs):
+                summ[m]["warning"] = "converter source changed between/during runs"
+
     copy = summ.get("copy", {})
     peft = summ.get("peft", {})
     for m, s in summ.items():
@@ -293,7 +309,9 @@ def table_rows(methods, summ):
             continue
         rows.append([m, _fmt(s["wall_s"], ".2f"), _fmt(s["peak_rss_mb"], ".0f"),
                      _fmt(s["wall_vs_copy"], ".2f"), _fmt(s["wall_vs_peft"], ".2f"),
-                     _fmt(s["rss_vs_peft"], ".2f"), f"n={s['n']}"])
+                     _fmt(s["rss_vs_peft"], ".2f"),
+                     f"n={s['n']}" + (f" src {s['converter_src'][0][:8]}" if s.get("converter_src") else "")
+                     + (" (MIXED SOURCE)" if s.get("warning") else "")])
     return rows
 
 
@@ -405,8 +423,13 @@ def main(argv=None) -> int:
                 read_files([base, adapter])
             out = args.workdir / f"out-{args.preset}-{m}"
             cmd = build_cmd(m, base, adapter, out, args.device, shard)
+            fp_before = converter_fingerprint() if m.startswith("converter") else None
             r = run_once(m, cmd, out, logs / f"{args.preset}-{m}-{i}.log", args.timeout)
             r["repeat"] = i
+            if m.startswith("converter"):
+                r["converter_src"] = fp_before
+                if converter_fingerprint() != fp_before:
+                    r["converter_src_changed_during_run"] = True
             r["loadavg_1m_after"] = os.getloadavg()[0]
             runs.append(r)
             if r["ok"]:
