@@ -25,6 +25,18 @@ def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_i
     return transpose(lora_b @ lora_a, fan_in_fan_out) * scale
 
 
+def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 fan_in_fan_out: bool) -> torch.Tensor:
+    """``weight += transpose(B @ A) * scaling``, in place on ``weight`` (our own fp32 copy).
+
+    The same operations and roundings as PEFT; a fused ``addmm(W, B, A, alpha=s)`` is not
+    used because it rounds ``s * (B @ A) + W`` once where PEFT rounds twice.
+    """
+    delta = lora_b @ lora_a
+    delta.mul_(scale)
+    return weight.add_(transpose(delta, fan_in_fan_out))
+
+
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``Embedding.get_delta_weight``: A is (r, num_embeddings), B is (dim, r)."""
     return transpose(lora_b @ lora_a, True) * scale

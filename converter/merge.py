@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,12 +33,12 @@ def output_specs(plan: MergePlan, out_dtype: torch.dtype) -> list[OutSpec]:
     return [OutSpec(t.name, output_dtype(t.dtype, out_dtype), t.shape) for t in plan.tensors.values()]
 
 
-def merged_value(tp: TensorPlan, base: Checkpoint, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
-    """W' for one tensor in fp32: replacement, LoRA / DoRA, lora_bias, trainable token rows."""
+def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
+    """W' for one tensor in fp32 from its starting value (the base's, or the adapter's replacement):
+    LoRA / DoRA, lora_bias, trainable token rows."""
     f32 = dict(device=device, dtype=torch.float32)
     # PEFT merges into the base as loaded in the output dtype: round to it first (exact when widening)
-    weight = adapter.get(tp.replace_key) if tp.replace_key else base.get(tp.source)
-    weight = weight.to(out_dtype).to(**f32)
+    weight = start.to(out_dtype).to(**f32, copy=True)  # our own copy: the math below works in place
     if tp.lora is not None:
         weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
     if tp.bias_key:
@@ -56,10 +57,10 @@ def apply_lora(weight: torch.Tensor, op: LoraOp, adapter: Adapter, out_dtype: to
         if magnitude is not None:
             return lora_math.dora_embedding(weight, delta, magnitude)
         return lora_math.add_delta_rounded(weight, delta, out_dtype)
+    if magnitude is None:
+        return lora_math.merge_linear(weight, a, b, op.scale, op.fan_in_fan_out)
     delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
-    if magnitude is not None:
-        return lora_math.dora_linear(weight, delta, magnitude, op.fan_in_fan_out)
-    return lora_math.add_delta(weight, delta)
+    return lora_math.dora_linear(weight, delta, magnitude, op.fan_in_fan_out)
 
 
 def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: LoraOp, adapter: Adapter, seed: int = 0) -> float:
@@ -90,33 +91,62 @@ def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: LoraOp, adapte
 
 def stream_merge(plan: MergePlan, base: Checkpoint, adapter: Adapter, writer: ShardedWriter,
                  out_dtype: torch.dtype, device: torch.device, probe: bool) -> MergeStats:
+    """Write every output tensor in the writer's order.
+
+    Reading the next tensor and writing the previous one run in two helper threads
+    (file reads and writes release the GIL) while this thread computes, so at most three
+    tensors are in flight.
+    """
     stats = MergeStats()
     tol = PROBE_TOLERANCE.get(out_dtype, 1e-2)
-    for name in writer.order:
-        tp = plan.tensors[name]
-        dtype = output_dtype(tp.dtype, out_dtype)
-        src = base.specs.get(tp.source) if tp.source else None
+    todo = [plan.tensors[name] for name in writer.order]
+
+    def start_value(tp: TensorPlan):
         if tp.action in ("copy", "add"):
-            if src is not None and src.start is not None and src.dtype == dtype:
-                writer.copy_bytes(name, src.file, src.start, src.end)
-            else:
-                writer.write(name, base.get(tp.source).to(dtype))
-            continue
-        value = merged_value(tp, base, adapter, dtype, device)
-        out = value.to(dtype).cpu()
-        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
-            if not bool(torch.isfinite(value).all()):
-                raise MergeError(f"the merged value of {name} holds NaN or infinite values")
-            raise MergeError(f"the merged value of {name} overflows {dtype} (inf after the cast): "
-                             "choose a wider --dtype (float32 or bfloat16)")
-        before = adapter.get(tp.replace_key) if tp.replace_key else base.get(tp.source)
-        if before.shape != out.shape or not torch.equal(before.to(dtype), out):
-            stats.changed += 1
-        if probe and tp.lora is not None:
-            err = probe_error(out, before, tp.lora, adapter)
-            stats.probes[tp.lora.module] = err
-            if not err <= tol:
-                stats.failed_probes.append(f"{tp.lora.module}: relative error {err:.3g} > {tol:g}")
-        writer.write(name, out)
-        del value, out, before
+            return None
+        return adapter.get(tp.replace_key) if tp.replace_key else base.get(tp.source)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writes:
+        pending: list[Future] = []
+        ahead = reader.submit(start_value, todo[0]) if todo else None
+        for i, tp in enumerate(todo):
+            before = ahead.result()
+            ahead = reader.submit(start_value, todo[i + 1]) if i + 1 < len(todo) else None
+            while pending and (pending[0].done() or len(pending) > 2):  # bounded: at most 3 writes queued
+                pending.pop(0).result()  # raises a write error here, early
+            dtype = output_dtype(tp.dtype, out_dtype)
+            if before is None:
+                src = base.specs.get(tp.source)
+                if src is not None and src.start is not None and src.dtype == dtype:
+                    pending.append(writes.submit(writer.copy_bytes, tp.name, src.file, src.start, src.end))
+                else:
+                    pending.append(writes.submit(writer.write, tp.name, base.get(tp.source).to(dtype)))
+                continue
+            out = _merge_one(tp, before, adapter, dtype, device, probe, tol, stats)
+            pending.append(writes.submit(writer.write, tp.name, out))
+            del before, out
+        for f in pending:
+            f.result()
     return stats
+
+
+def _merge_one(tp: TensorPlan, before: torch.Tensor, adapter: Adapter, dtype: torch.dtype, device, probe: bool,
+               tol: float, stats: MergeStats) -> torch.Tensor:
+    value = merged_value(tp, before, adapter, dtype, device)
+    if dtype.is_floating_point and value.numel():
+        peak = float(value.abs().amax())  # NaN and inf propagate through amax
+        if peak != peak or peak == float("inf"):
+            raise MergeError(f"the merged value of {tp.name} holds NaN or infinite values")
+        if peak > torch.finfo(dtype).max:
+            raise MergeError(f"the merged value of {tp.name} overflows {dtype} (|value| up to {peak:.3g}): "
+                             "choose a wider --dtype (float32 or bfloat16)")
+    out = value.to(dtype).cpu()
+    if before.shape != out.shape or not torch.equal(before.to(dtype), out):
+        stats.changed += 1
+    if probe and tp.lora is not None:
+        err = probe_error(out, before, tp.lora, adapter)
+        stats.probes[tp.lora.module] = err
+        if not err <= tol:
+            stats.failed_probes.append(f"{tp.lora.module}: relative error {err:.3g} > {tol:g}")
+    return out
