@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="passed to converter (--device) and used by PEFT")
     ap.add_argument("--methods", default="all",
                     help="comma list of converter-none,converter-modules,peft,copy (aliases: converter, all)")
-    ap.add_argument("--json", type=Path, default=None, help="default: bench/results-<preset>.json")
+    ap.add_argument("--json", type=Path, default=None, help="default: bench-out/results-<preset>.json")
     ap.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
     ap.add_argument("--no-warm", action="store_true", help="do not pre-read inputs before each run")
     ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
                   args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   methods=methods, synthetic=syn, machine=machine_info(),
                   converter_cmd=converter_cmd(), summary=summ, runs=runs)
-    jpath = args.json or HERE / f"results-{args.preset}.json"
+    jpath = args.json or HERE.parent / "bench-out" / f"results-{args.preset}.json"
     jpath.parent.mkdir(parents=True, exist_ok=True)
     jpath.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[bench] wrote {jpath}")
