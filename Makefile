@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # On a machine without an NVIDIA GPU, pin the CPU build of torch so no CUDA wheels are pulled.
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo convert test bench clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,15 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[test]'
 	touch $(STAMP)
 
+# the demo set (a tiny base, five adapters) under demo-out/, then configs/demo.yaml on a local Ray
 demo: setup
-	$(PY) scripts/demo.py --workdir demo-out
+	$(PY) scripts/demo_set.py --workdir demo-out
+	$(PY) -m converter run configs/demo.yaml
+
+# any manifest, on a local Ray (or RAY_ADDRESS): make convert MANIFEST=path
+convert: setup
+	@test -n "$(MANIFEST)" || { echo "usage: make convert MANIFEST=path/to/manifest.yaml"; exit 2; }
+	$(PY) -m converter run $(MANIFEST)
 
 test: setup
 	$(PY) -m pytest -q tests

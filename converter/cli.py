@@ -15,7 +15,7 @@ EXIT_BAD_INPUT = 2
 
 def _setup_logging() -> None:
     logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING, stream=sys.stderr)
-    for noisy in ("transformers", "peft", "accelerate", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "accelerate", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -42,7 +42,9 @@ def cli() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-shard-size", default="5GB", show_default=True)
 @click.option("--verify", type=click.Choice(["none", "modules", "full"]), default="full", show_default=True)
-@click.option("--quantize", multiple=True, help="Quantization method (repeatable).")
+@click.option("--quantize", multiple=True, metavar="METHOD[:key=value,...]",
+              help="Also write a quantized variant to OUTPUT-METHOD (repeatable): bnb-int8, bnb-nf4, bnb-fp4; "
+                   "e.g. bnb-nf4:double_quant=true,compute_dtype=bfloat16.")
 @click.option("--force", is_flag=True, help="Replace an existing output made with other inputs or options.")
 @click.option("--strict", is_flag=True, help="Fail on warnings, e.g. an adapter whose deltas are all zero.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the base's own model code for full verification.")
@@ -59,20 +61,24 @@ def merge(**kw) -> None:
     from converter.errors import BadInputError
     from converter.options import MergeJob
 
-    if kw["quantize"]:
-        raise BadInputError(f"--quantize {' '.join(kw['quantize'])}: quantization is not available yet",
-                            hint="merge without --quantize")
-    kw["quantize"] = ()
     try:
         job = MergeJob(**kw)
     except ValidationError as exc:
-        raise BadInputError([f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors()]) from None
+        raise BadInputError([_option_error(e, kw) for e in exc.errors()]) from None
     result = convert(job)
     if result.status == "skipped":
         click.echo(f"{result.output}: already converted with the same inputs and options (fingerprint "
                    f"{result.receipt['fingerprint'][:12]}); nothing to do")
         return
     _summary(result)
+
+
+def _option_error(e: dict, kw: dict) -> str:
+    loc, msg = e["loc"], e["msg"].removeprefix("Value error, ")
+    if loc[0] == "quantize" and len(loc) > 1 and isinstance(loc[1], int):  # name the --quantize value and option
+        where = f" ({loc[2]})" if len(loc) > 2 else ""
+        return f"--quantize {kw['quantize'][loc[1]]}{where}: {msg}"
+    return f"--{str(loc[0]).replace('_', '-')}: {msg}"
 
 
 def _summary(result) -> None:
@@ -92,10 +98,40 @@ def _summary(result) -> None:
         click.echo(f"  merged vs unmerged outputs: max |Δ| {f['max_abs_diff']:.3g}, KL {kl}, top-1 agreement {top1}")
     if v.get("note"):
         click.echo(f"  note: {v['note']}")
+    for q in r.get("quantization") or []:
+        f = q["figures"]
+        figures = (f"max |Δ| {f['max_abs_diff']:.3g}, KL {f['kl']:.3g}, top-1 agreement {f['top1']:.3f}"
+                   if f and f.get("kl") is not None else f"max |Δ| {f['max_abs_diff']:.3g}" if f else q["note"])
+        click.echo(f"  {q['method']} -> {q['path']} ({q['engine']}, {q['size_ratio']:.2f}× the merged size): {figures}")
     for w in r["warnings"]:
         click.echo(f"  WARNING: {w}", err=True)
     t = r["timings"]
     click.echo(f"  {t['total_s']:.2f}s, peak RSS {r['peak_rss_bytes']['merge'] / 2**20:.0f} MiB while merging")
+
+
+@cli.command()
+@click.argument("manifest")
+def validate(manifest: str) -> None:
+    """Resolve and inspect every job of MANIFEST; write nothing, list every problem at once."""
+    from converter.manifest import load_manifest
+
+    m = load_manifest(manifest)
+    click.echo(f"{manifest}: {len(m.jobs)} jobs OK (output_root {m.output_root})")
+
+
+@cli.command()
+@click.argument("manifest")
+@click.option("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray).")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N jobs at once.")
+@click.option("--force", is_flag=True, help="Redo jobs whose outputs were made from other inputs or options.")
+def run(manifest: str, ray_address: str | None, max_concurrent: int | None, force: bool) -> None:
+    """Convert every job of MANIFEST on Ray; re-runs skip what is done."""
+    # The Ray driver lives in jobs/, the only package that imports ray; merge/inspect never load it.
+    from jobs.driver import run_manifest
+
+    code = run_manifest(manifest, ray_address=ray_address, max_concurrent=max_concurrent, force=force)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 @cli.command()
@@ -114,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 job failed, 2 bad arguments or input)."""
     _setup_logging()
     try:
-        cli.main(args=argv, prog_name="converter", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="converter", standalone_mode=False)
+        if isinstance(code, int):  # click returns an Exit's code in non-standalone mode
+            return code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

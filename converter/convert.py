@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from converter import publish
+from converter import publish, quantize
 from converter.adapter import Adapter, check_finite, is_base_checkpoint_dir, load_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
@@ -71,6 +71,9 @@ def convert(job: MergeJob) -> JobResult:
                                 hint="pass --force to replace it, or choose another --output")
     if inputs.plan is not None and job.strict and inputs.warnings:
         raise BadInputError(inputs.warnings, hint="--strict turns these warnings into errors")
+    variants = [(spec, quantize.variant_dir(out, spec)) for spec in job.quantize]
+    for spec, vdir in variants:
+        _check_variant_dir(vdir, inputs.fingerprint, job.force)
 
     if partial.exists():  # left by a run that crashed: never taken as done
         shutil.rmtree(partial)
@@ -81,15 +84,25 @@ def convert(job: MergeJob) -> JobResult:
                          "is writable") from None
     hasher = ThreadPoolExecutor(1)
     hashes = hasher.submit(lambda: {p.name: publish.sha256_file(p) for p in inputs.base.files})
+    published: list[Path] = []
     try:
         receipt = _produce(job, inputs, partial, timings)
         receipt["base"]["files"] = hashes.result()
+        receipt["quantization"] = _quantize(job, inputs, partial, variants, timings)
         receipt["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 3)}
         _write_receipt(partial, receipt, job)
+        for spec, vdir in variants:  # before the main output: its receipt is the "done" marker of the whole job
+            _write_variant_receipt(partial_dir(vdir), receipt, spec, out)
+            _swap_in(partial_dir(vdir), vdir)
+            published.append(vdir)
         _swap_in(partial, out)
     except BaseException:
         hasher.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(partial, ignore_errors=True)
+        for _, vdir in variants:  # a variant never outlives a failed job
+            shutil.rmtree(partial_dir(vdir), ignore_errors=True)
+            if vdir in published:
+                shutil.rmtree(vdir, ignore_errors=True)
         raise
     hasher.shutdown()
     inputs.base.close()
@@ -131,6 +144,12 @@ def inspect_job(job: MergeJob) -> Inputs:
     warnings = _zero_delta_warnings(adapter, plan) if plan is not None else []
     out_dtype = _output_dtype(job.dtype, base)
     resolve_device(job.device)
+    if job.quantize:
+        quantize.check_available(job.quantize)
+        if not info.instantiable:
+            raise BadInputError(f"--quantize {' '.join(str(q) for q in job.quantize)}: a quantized variant is loaded "
+                                f"through transformers, which cannot build this model ({info.note})",
+                                hint="drop --quantize for this base, or pass --trust-remote-code if it ships its code")
     parts = {
         "engine_version": ENGINE_VERSION,
         "options": job.fingerprint_options(),
@@ -275,6 +294,61 @@ def _verify(job: MergeJob, inputs: Inputs, partial: Path, stats, vocab_size, tim
                                 "Nothing was published. Loosen --max-logit-diff/--max-kl/--min-top1 only if this "
                                 "is expected (e.g. a narrow --dtype)")
     return result
+
+
+def _check_variant_dir(vdir: Path, fingerprint: str, force: bool) -> None:
+    """A variant directory from another conversion is not replaced without --force (one of ours, left by a run
+    that stopped between the variant's rename and the main output's, is)."""
+    if not vdir.exists() or force:
+        return
+    existing = publish.read_receipt(vdir)
+    if existing is None or existing.get("fingerprint") != fingerprint:
+        raise OutputExistsError(f"quantized variant {vdir} already exists and was made from other inputs or options",
+                                hint="pass --force to replace it, or choose another --output")
+
+
+def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timings: dict) -> list[dict]:
+    """Each requested variant, written into ``<output>-<method>.partial`` from the merged shards and measured."""
+    if not variants:
+        return []
+    t = time.perf_counter()
+    measure: bool | str = True
+    if job.verify == "none":
+        measure = "--verify none"
+    elif not fits_in_memory(sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in inputs.base.specs.values())):
+        measure = "the model does not fit this worker's memory"
+    entries = []
+    for spec, vdir in variants:
+        vpartial = partial_dir(vdir)
+        if vpartial.exists():
+            shutil.rmtree(vpartial)
+        try:
+            vpartial.mkdir(parents=True)
+        except OSError as exc:
+            raise MergeError(f"cannot create {vpartial}: {exc.strerror or exc}; check that the output location "
+                             "is writable") from None
+        entry = quantize.produce_variant(spec, partial, vpartial, model_cls=inputs.info.model_cls,
+                                         dtype=inputs.out_dtype, device=resolve_device(job.device),
+                                         max_shard_size=job.max_shard_size, trust_remote_code=job.trust_remote_code,
+                                         measure=measure)
+        if entry["note"]:
+            log.warning(entry["note"])
+        entries.append(entry)
+    timings["quantize_s"] = round(time.perf_counter() - t, 3)
+    return entries
+
+
+def _write_variant_receipt(vpartial: Path, receipt: dict, spec, out: Path) -> None:
+    import json
+
+    entry = next(e for e in receipt["quantization"] if e["method"] == spec.method)
+    variant = {**receipt, "variant_of": str(out.resolve()), "quantization": [entry]}
+    try:
+        (vpartial / "README.md").write_text(publish.variant_card(variant, entry, out.name))
+        (vpartial / publish.RECEIPT).write_text(json.dumps(variant, indent=2, default=str) + "\n")
+        publish.fsync_dir(vpartial)
+    except OSError as exc:
+        raise MergeError(f"could not write the receipt in {vpartial}: {exc.strerror or exc}") from None
 
 
 def _write_receipt(partial: Path, receipt: dict, job: MergeJob) -> None:

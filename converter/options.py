@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from converter.quantize import QuantSpec
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -26,7 +28,8 @@ class MergeJob(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
     verify: Literal["none", "modules", "full"] = "full"
-    quantize: tuple[str, ...] = ()
+    # `METHOD[:key=value,...]` strings, mappings or QuantSpecs; validated against converter.quantize.METHODS
+    quantize: tuple[QuantSpec, ...] = ()
     force: bool = False
     strict: bool = False
     trust_remote_code: bool = False
@@ -34,6 +37,21 @@ class MergeJob(BaseModel):
     max_logit_diff: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_list(cls, value):
+        return (value,) if isinstance(value, (str, dict)) else value
+
+    @field_validator("quantize")
+    @classmethod
+    def _one_variant_per_method(cls, value: tuple[QuantSpec, ...]) -> tuple[QuantSpec, ...]:
+        methods = [q.method for q in value]
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} requested more than once; each method writes one variant "
+                             "directory <output>-<method>")
+        return value
 
     @field_validator("max_shard_size")
     @classmethod

@@ -113,6 +113,40 @@ def model_card(receipt: dict, base_name: str, adapter_name: str) -> str:
     return "\n".join(lines)
 
 
+def variant_card(receipt: dict, entry: dict, merged_name: str) -> str:
+    """The model card of a quantized variant: a quantized derivative of the merged checkpoint."""
+    fig = entry.get("figures") or {}
+    lines = [
+        "---",
+        f"base_model: {merged_name}",
+        "base_model_relation: quantized",
+        "library_name: transformers",
+        "tags:",
+        "- merged-adapter",
+        "- bitsandbytes",
+        f"- {entry['method'].removeprefix('bnb-')}",
+        "---",
+        "",
+        f"# {receipt['job_id']} ({entry['method']})",
+        "",
+        f"This checkpoint is `{merged_name}` (an adapter merged into its base) quantized with bitsandbytes "
+        f"`{entry['spec']}`. It loads with `from_pretrained` (bitsandbytes installed); `config.json` holds its "
+        "`quantization_config`.",
+        "",
+        f"- written by: {entry['engine']} engine; {entry['tensors'].get('quantized')} linear weights quantized",
+        f"- size of the weights: {entry['size_bytes'] / 2**20:.1f} MiB, {entry['size_ratio']:.2f}× the merged checkpoint's",
+    ]
+    if fig:
+        kl = "n/a" if fig.get("kl") is None else f"{fig['kl']:.3g}"
+        top1 = "n/a" if fig.get("top1") is None else f"{fig['top1']:.3f}"
+        lines.append(f"- against the merged model (this variant reloaded from disk): max |Δ| {fig['max_abs_diff']:.3g}, "
+                     f"KL {kl}, top-1 agreement {top1}")
+    else:
+        lines.append(f"- quality: {entry.get('note')}")
+    lines += ["", "`conversion.json` beside this card is the full receipt of the conversion.", ""]
+    return "\n".join(lines)
+
+
 def read_receipt(out_dir: Path) -> dict | None:
     try:
         return json.loads((out_dir / RECEIPT).read_text())

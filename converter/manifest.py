@@ -1,0 +1,233 @@
+"""Manifests: many (base, adapter) jobs in one YAML or JSONL file, checked all at once.
+
+YAML::
+
+    defaults: {dtype: bfloat16, verify: full}
+    output_root: out/
+    jobs:
+      - id: support-bot-v3
+        base: {path: models/llama-base}
+        adapter: {path: adapters/support-bot-v3}
+        output: support-bot-v3
+
+JSONL: one job a line; a first line holding only ``defaults`` and/or ``output_root``
+sets those. Relative paths resolve against the manifest's directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from converter.errors import BadInputError
+from converter.options import MergeJob
+
+
+class Source(BaseModel):
+    """Where a base or an adapter comes from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str | None = None
+    repo: str | None = None
+    revision: str | None = None
+    subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Source":
+        if (self.path is None) == (self.repo is None):
+            raise ValueError("give exactly one of `path` or `repo`")
+        return self
+
+
+class JobOptions(BaseModel):
+    """Per-job options; also the shape of ``defaults``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    max_shard_size: str | None = None
+    verify: Literal["none", "modules", "full"] | None = None
+    quantize: tuple[str, ...] | None = None
+    trust_remote_code: bool | None = None
+    allow_base_mismatch: bool | None = None
+    strict: bool | None = None
+    max_logit_diff: float | None = None
+    max_kl: float | None = None
+    min_top1: float | None = None
+
+
+class JobSpec(JobOptions):
+    id: str
+    base: Source
+    adapter: Source
+    output: str
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not value.strip() or "/" in value or value.startswith("."):
+            raise ValueError("a job id is a plain non-empty name (no '/', not starting with '.')")
+        return value
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    output_root: Path
+    defaults: JobOptions
+    jobs: tuple[MergeJob, ...]
+
+
+def _read(path: Path) -> tuple[dict, list[tuple[str, object]]]:
+    """(header with defaults/output_root, [(where, raw job)])."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BadInputError(f"cannot read manifest {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".jsonl":
+        header: dict = {}
+        jobs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if n == 1 and isinstance(row, dict) and row and set(row) <= {"defaults", "output_root"}:
+                header = row
+                continue
+            jobs.append((f"line {n}", row))
+        return header, jobs
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+        raise BadInputError(f"{path}: a manifest is a mapping with a `jobs` list",
+                            hint="see configs/demo.yaml for the layout")
+    unknown = set(data) - {"defaults", "output_root", "jobs"}
+    if unknown:
+        raise BadInputError(f"{path}: unknown top-level field(s) {', '.join(sorted(unknown))}",
+                            hint="the top level holds only defaults, output_root and jobs")
+    return data, [(f"jobs[{i}]", job) for i, job in enumerate(data["jobs"])]
+
+
+def _errors(exc: ValidationError) -> list[str]:
+    out = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(job)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
+    """Parse and check a manifest; one BadInputError lists every problem (job id and field)."""
+    path = Path(path)
+    here = path.resolve().parent
+    header, raw_jobs = _read(path)
+    problems: list[str] = []
+    try:
+        defaults = JobOptions(**(header.get("defaults") or {}))
+    except (ValidationError, TypeError) as exc:
+        defaults = JobOptions()
+        problems += [f"defaults.{e}" for e in (_errors(exc) if isinstance(exc, ValidationError) else [str(exc)])]
+    output_root = (here / str(header.get("output_root") or ".")).resolve()
+
+    specs: list[tuple[str, JobSpec]] = []
+    for where, raw in raw_jobs:
+        name = raw.get("id", where) if isinstance(raw, dict) else where
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: a job is a mapping, got {type(raw).__name__}")
+            continue
+        try:
+            specs.append((name, JobSpec(**raw)))
+        except ValidationError as exc:
+            problems += [f"job {name}: {e}" for e in _errors(exc)]
+    if not raw_jobs:
+        problems.append("the manifest has no jobs")
+
+    seen_ids: dict[str, int] = {}
+    seen_outputs: dict[Path, str] = {}
+    jobs: list[MergeJob] = []
+    for name, spec in specs:
+        seen_ids[spec.id] = seen_ids.get(spec.id, 0) + 1
+        if seen_ids[spec.id] == 2:
+            problems.append(f"job {spec.id}: duplicate id")
+        out = _output_path(output_root, spec.output)
+        if out is None:
+            problems.append(f"job {spec.id}: output {spec.output!r} escapes output_root {output_root}")
+            continue
+        if out in seen_outputs:
+            problems.append(f"job {spec.id}: output {out} is also written by job {seen_outputs[out]}")
+            continue
+        seen_outputs[out] = spec.id
+        job_problems, job = _to_merge_job(spec, defaults, here, out)
+        problems += [f"job {spec.id}: {p}" for p in job_problems]
+        if job is not None:
+            jobs.append(job)
+
+    if check_inputs:  # every job that parsed gets the engine's own checks, whatever the others have
+        problems += _inspect_all(jobs)
+    if problems:
+        raise BadInputError(problems, hint=f"fix {path} and run `converter validate {path}` again")
+    return Manifest(path=path, output_root=output_root, defaults=defaults, jobs=tuple(jobs))
+
+
+def _output_path(root: Path, output: str) -> Path | None:
+    """The output directory, or None when it would land outside the root (.., absolute, symlinks)."""
+    candidate = Path(output)
+    candidate = candidate if candidate.is_absolute() else root / candidate
+    resolved = candidate.resolve()  # follows symlinks of existing parents
+    if resolved == root or root not in resolved.parents:
+        return None
+    return resolved
+
+
+def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path) -> tuple[list[str], MergeJob | None]:
+    problems = []
+    paths = {}
+    for field in ("base", "adapter"):
+        src: Source = getattr(spec, field)
+        if src.repo is not None:
+            problems.append(f"{field}: hub sources (repo: {src.repo}) are not supported yet; "
+                            "download it and use `path:`")
+            continue
+        p = Path(src.path)
+        p = p if p.is_absolute() else here / p
+        if src.subfolder:
+            p = p / src.subfolder
+        if not p.is_dir():
+            problems.append(f"{field}: path {p} does not exist")
+        paths[field] = p
+    if problems:
+        return problems, None
+    options = {k: v for k, v in defaults.model_dump().items() if v is not None}
+    options.update({k: v for k, v in spec.model_dump(include=set(JobOptions.model_fields)).items() if v is not None})
+    try:
+        job = MergeJob(job_id=spec.id, base=paths["base"], adapter=paths["adapter"], output=out,
+                       base_revision=spec.base.revision, adapter_revision=spec.adapter.revision, **options)
+    except ValidationError as exc:
+        return _errors(exc), None
+    return [], job
+
+
+def _inspect_all(jobs: list[MergeJob]) -> list[str]:
+    """The merge engine's own checks on every job (adapter fits base, revisions, files)."""
+    from converter.convert import inspect_job
+
+    problems = []
+    for job in jobs:
+        try:
+            inspect_job(job)
+        except BadInputError as exc:
+            problems += [f"job {job.id}: {p}" for p in exc.problems]
+    return problems

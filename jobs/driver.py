@@ -1,0 +1,211 @@
+"""The Ray driver for ``converter run``: plan, submit, watch, summarise.
+
+One task per job. Each declares what it needs (CPUs, a GPU for CUDA jobs, memory
+estimated from the largest tensor, the adapter and, for full verification, the model),
+so Ray never packs more jobs onto a node than fit. A worker that dies is retried by
+Ray (``max_retries``); a job that fails validation or verification returns a failed
+result and is not retried. Workers are long-lived processes that Ray reuses between
+tasks, so torch, transformers and peft are imported once per worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import ray  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from converter.checkpoint import Checkpoint  # noqa: E402
+from converter.convert import partial_dir  # noqa: E402
+from converter.errors import BadInputError  # noqa: E402
+from converter.manifest import Manifest, load_manifest  # noqa: E402
+from converter.options import MergeJob  # noqa: E402
+
+MAX_RETRIES = 2  # attempts after a worker dies (killed, OOM)
+RUNTIME_BYTES = 1 << 30  # python + torch + transformers in a worker
+FAULT_ENV = "CONVERTER_TEST_FAULT"  # test-only: "kill:<job id>:<marker file>"
+
+
+class RunLockedError(BadInputError):
+    """Another ``converter run`` holds the output root."""
+
+
+@ray.remote(max_retries=MAX_RETRIES)
+def convert_task(job_data: dict, fault: str | None) -> dict:
+    from jobs.tasks import run_one
+
+    return run_one(job_data, fault, ray.get_runtime_context().get_node_id())
+
+
+@contextmanager
+def output_lock(root: Path):
+    """One run at a time per output root; a second one is refused clearly (the lock dies with its process)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ".converter-run.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text().strip() or "another process"
+        raise RunLockedError(f"output root {root} is being written by another `converter run` ({holder})",
+                             hint="wait for it to finish, or use another output_root") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
+    """Bytes a job needs: the streaming merge, plus the model twice over for full verification when that fits."""
+    ckpt = Checkpoint(job.base)
+    largest = max(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in ckpt.specs.values())
+    adapter_bytes = sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
+    stream = RUNTIME_BYTES + 4 * largest + 2 * adapter_bytes
+    if job.verify == "full":
+        model_fp32 = sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in ckpt.specs.values())
+        full = stream + int(2.5 * model_fp32)
+        if max_node_memory is None or full <= max_node_memory:
+            return full
+    return stream
+
+
+def start_ray(address: str | None) -> bool:
+    """Connect to ADDRESS or RAY_ADDRESS; with neither, start a local Ray on 127.0.0.1. True if we started it."""
+    if ray.is_initialized():  # an embedding program (or a test) already connected this process
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return False
+    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False,
+             object_store_memory=256 * 1024 * 1024)
+    return True
+
+
+def _ledger(root: Path) -> Path:
+    runs = root / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return runs / f"{dt.datetime.now().strftime('%Y%m%dT%H%M%S.%f')}.jsonl"
+
+
+def _clean_partials(manifest: Manifest, console: Console) -> None:
+    for job in manifest.jobs:
+        partial = partial_dir(job.output)
+        if partial.exists():
+            console.print(f"[yellow]removing leftover {partial} (an earlier run did not finish it)")
+            shutil.rmtree(partial)
+
+
+def _cluster_limits() -> tuple[bool, float | None]:
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    has_gpu = any(n["Resources"].get("GPU", 0) > 0 for n in nodes)
+    max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) or None
+    return has_gpu, max_mem
+
+
+def _submit(job: MergeJob, has_gpu: bool, max_mem, fault: str | None):
+    gpu = job.device == "cuda" or (job.device == "auto" and has_gpu)
+    opts = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "memory": memory_estimate(job, max_mem)}
+    return convert_task.options(**opts).remote(job.model_dump(mode="json"), fault)
+
+
+def run_manifest(path: str | Path, ray_address: str | None = None, max_concurrent: int | None = None,
+                 force: bool = False, console: Console | None = None) -> int:
+    """Run every job of a manifest; 0 when all succeeded or were already done, 1 when any failed."""
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    manifest = load_manifest(path)  # every problem at once, before anything runs
+    jobs = [j.model_copy(update={"force": True}) if force else j for j in manifest.jobs]
+    with output_lock(manifest.output_root):
+        _clean_partials(manifest, console)
+        started_here = start_ray(ray_address)
+        try:
+            return _run(jobs, manifest, max_concurrent, console)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, console: Console) -> int:
+    has_gpu, max_mem = _cluster_limits()
+    fault = os.environ.get(FAULT_ENV)
+    ledger_path = _ledger(manifest.output_root)
+    limit = max_concurrent or len(jobs)
+    queue, running, results = list(jobs), {}, []
+    counts = {"succeeded": 0, "skipped": 0, "failed": 0}
+    t0 = time.perf_counter()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with open(ledger_path, "a") as ledger, Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("converting", total=len(jobs), status="")
+        while queue or running:
+            while queue and len(running) < limit:
+                job = queue.pop(0)
+                running[_submit(job, has_gpu, max_mem, fault)] = job
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                job = running.pop(ref)
+                result = _result(ref, job)
+                results.append(result)
+                counts[result["status"]] = counts.get(result["status"], 0) + 1
+                ledger.write(json.dumps({**result, "finished_at": dt.datetime.now().isoformat()}) + "\n")
+                ledger.flush()
+                progress.advance(bar)
+                if result["status"] == "failed":
+                    progress.console.print(f"[red]failed[/] {job.id}: {result['error']}")
+            elapsed = time.perf_counter() - t0
+            finished = sum(counts.values())
+            rate = f"{finished / elapsed * 60:.1f} jobs/min" if finished else ""
+            progress.update(bar, status=f"ok {counts['succeeded']} skipped {counts['skipped']} "
+                                        f"failed {counts['failed']} running {len(running)} {rate}")
+    _summary(console, results, ledger_path, time.perf_counter() - t0)
+    return 1 if counts["failed"] else 0
+
+
+def _result(ref, job: MergeJob) -> dict:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:  # retries used up: the worker kept dying
+        return {"job_id": job.id, "output": str(job.output), "status": "failed", "exit_code": 1,
+                "error": f"the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); "
+                         "check the node's memory and logs", "error_type": type(exc).__name__}
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _short(output: str, root: Path) -> str:
+    path = Path(output)
+    return str(path.relative_to(root)) if root in path.parents else output
+
+
+def _summary(console: Console, results: list[dict], ledger_path: Path, wall: float) -> None:
+    root = ledger_path.parent.parent
+    table = Table(title=f"converter run: {len(results)} jobs in {wall:.1f}s")
+    for col in ("job", "status", "verify", "max |Δ|", "KL", "top-1", "time s", "output / reason"):
+        table.add_column(col)
+    for r in sorted(results, key=lambda r: r["job_id"]):
+        v = r.get("verification") or {}
+        style = {"failed": "red", "skipped": "dim"}.get(r["status"], "green")
+        table.add_row(r["job_id"], f"[{style}]{r['status']}", v.get("level") or "-", _fmt(v.get("max_abs_diff"), ".3g"),
+                      _fmt(v.get("kl"), ".2g"), _fmt(v.get("top1"), ".3f"), _fmt(r.get("seconds"), ".1f"),
+                      _short(r["output"], root) if r["status"] != "failed" else (r.get("error") or "")[:200])
+    console.print(table)
+    console.print(f"ledger: {ledger_path}")
