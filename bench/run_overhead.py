@@ -41,7 +41,7 @@ def main() -> int:
     save_base(build(cfg), work / "base")
     make_adapter(build(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
                  work / "adapter")
-    ray.init(num_cpus=args.max_concurrent, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=args.max_concurrent, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, configure_logging=False, object_store_memory=100 * 2**20)
     try:
         rows = []

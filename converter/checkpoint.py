@@ -187,6 +187,16 @@ class Checkpoint:
             for spec in file_specs:
                 self.specs.setdefault(spec.name, spec)
 
+    @classmethod
+    def from_specs(cls, directory: Path, specs: list[TensorSpec]) -> "Checkpoint":
+        """Names, dtypes and shapes only (a hub base's headers): enough to plan, not to merge."""
+        ckpt = cls.__new__(cls)
+        ckpt.directory = Path(directory)
+        ckpt.files = sorted({s.file for s in specs})
+        ckpt.specs = {s.name: s for s in specs}
+        ckpt._bins = {}
+        return ckpt
+
     @property
     def is_safetensors(self) -> bool:
         return all(p.suffix == ".safetensors" for p in self.files)

@@ -32,11 +32,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--base", required=True, help="Base model directory.")
-@click.option("--adapter", required=True, help="Adapter directory (adapter_config.json + weights).")
+@click.option("--base", required=True, help="Base model directory, or hub repo id (org/name).")
+@click.option("--adapter", required=True, help="Adapter directory (adapter_config.json + weights), or hub repo id.")
 @click.option("--output", required=True, help="Output directory (written as OUTPUT.partial, renamed last).")
-@click.option("--base-revision", default=None, help="Revision of the base; must match the adapter's record.")
-@click.option("--adapter-revision", default=None, help="Revision of the adapter (recorded).")
+@click.option("--base-revision", default=None,
+              help="Revision of the base (a hub base is fetched at it); must match the adapter's record.")
+@click.option("--adapter-revision", default=None, help="Revision of the adapter (a hub adapter is fetched at it).")
+@click.option("--cache-dir", default=None, help="Hub cache for repo sources (default: huggingface_hub's).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Output dtype; auto keeps the base's.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -121,6 +123,18 @@ def validate(manifest: str) -> None:
 
 @cli.command()
 @click.argument("manifest")
+def lock(manifest: str) -> None:
+    """Write back the commit sha every hub source of MANIFEST resolves to."""
+    from converter.manifest import lock_manifest
+
+    changes = lock_manifest(manifest)
+    for line in changes:
+        click.echo(line)
+    click.echo(f"{manifest}: {'locked, ' + str(len(changes)) + ' revision(s) pinned' if changes else 'already locked'}")
+
+
+@cli.command()
+@click.argument("manifest")
 @click.option("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N jobs at once.")
 @click.option("--force", is_flag=True, help="Redo jobs whose outputs were made from other inputs or options.")
@@ -136,13 +150,17 @@ def run(manifest: str, ray_address: str | None, max_concurrent: int | None, forc
 
 @cli.command()
 @click.argument("adapter")
-@click.option("--base", default=None, help="Base model directory to check the adapter against.")
+@click.option("--base", default=None, help="Base model directory or hub repo id to check the adapter against.")
+@click.option("--base-revision", default=None, help="Revision of a hub base.")
+@click.option("--adapter-revision", default=None, help="Revision of a hub adapter.")
+@click.option("--cache-dir", default=None, help="Hub cache for repo sources (default: huggingface_hub's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(adapter: str, base: str | None, as_json: bool) -> None:
-    """What ADAPTER changes, and whether it fits BASE."""
+def inspect(adapter: str, base: str | None, base_revision: str | None, adapter_revision: str | None,
+            cache_dir: str | None, as_json: bool) -> None:
+    """What ADAPTER (directory or hub repo id) changes, and whether it fits BASE."""
     from converter.inspect import inspect_adapter, render
 
-    summary = inspect_adapter(adapter, base)
+    summary = inspect_adapter(adapter, base, adapter_revision, base_revision, cache_dir)
     click.echo(json.dumps(summary, indent=2, default=str) if as_json else render(summary))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from converter import publish, quantize
+from converter import publish, sources, quantize
 from converter.adapter import Adapter, check_finite, is_base_checkpoint_dir, load_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
@@ -21,6 +21,7 @@ from converter.merge import PROBE_TOLERANCE, output_specs, stream_merge
 from converter.modelinfo import ModelInfo, describe
 from converter.options import DTYPES, MergeJob
 from converter.plan import MergePlan, build_plan, needs_peft_engine
+from converter.sources import Resolved
 from converter.resources import peak_rss_bytes, reset_peak_rss, versions
 from converter.verify import Tolerance, fits_in_memory, full_verification, judge
 from converter.writer import ShardedWriter
@@ -53,6 +54,9 @@ class Inputs:
     out_dtype: torch.dtype
     fingerprint: str
     warnings: list[str]
+    base_src: Resolved | None = None
+    adapter_src: Resolved | None = None
+    mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
 
 
 def convert(job: MergeJob) -> JobResult:
@@ -122,18 +126,34 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def inspect_job(job: MergeJob) -> Inputs:
-    """Everything that can be checked without writing: all problems at once where possible."""
-    base_dir, adapter_dir = Path(job.base), Path(job.adapter)
-    is_base_checkpoint_dir(base_dir)
+def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
+    """Everything that can be checked without writing: all problems at once where possible.
+
+    ``metadata_only`` (validate, inspect): a hub base is read through its safetensors headers
+    alone when the hub can be reached, without downloading its weights.
+    """
+    remote = None
+    if metadata_only and not Path(job.base).exists() and sources.REPO_ID.match(str(job.base)):
+        remote = sources.base_metadata(str(job.base), job.base_revision, job.base_subfolder, job.cache_dir)
+    if remote is not None:
+        base_src = remote[2]
+    else:
+        base_src = sources.resolve(job.base, "base", job.base_revision, job.base_subfolder, job.cache_dir,
+                                   job.trust_remote_code)
+    adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
+    base_dir, adapter_dir = base_src.path, adapter_src.path
+    if remote is None:
+        is_base_checkpoint_dir(base_dir)
     adapter = load_adapter(adapter_dir)
-    recorded = adapter.config.get("revision")
-    if job.base_revision and recorded and recorded != job.base_revision and not job.allow_base_mismatch:
-        raise AdapterMismatchError(
-            f"--base-revision {job.base_revision} differs from revision {recorded} recorded in "
-            f"{adapter_dir / 'adapter_config.json'}",
-            hint=f"merge into the base at revision {recorded}, or pass --allow-base-mismatch if you know they match")
-    base = Checkpoint(base_dir)
+    mismatch = base_mismatch(adapter.config, base_src)
+    unchecked = []
+    if adapter.config.get("revision") and not (base_src.revision or base_src.sha):
+        unchecked = [f"the adapter records base revision {adapter.config['revision']} but the base's revision is "
+                     "unknown (a local directory): not checked; pass --base-revision to check it"]
+    if mismatch and not job.allow_base_mismatch:
+        raise AdapterMismatchError(mismatch, hint="merge into the base the adapter was trained on, or set "
+                                   "allow_base_mismatch (--allow-base-mismatch) if you know they match")
+    base = Checkpoint.from_specs(base_dir, remote[1]) if remote is not None else Checkpoint(base_dir)
     info = describe(base_dir, list(base.specs), job.trust_remote_code)
     nonfinite = check_finite(adapter)
     if nonfinite:
@@ -141,7 +161,7 @@ def inspect_job(job: MergeJob) -> Inputs:
                             hint="the adapter is broken (diverged training?): use an earlier checkpoint")
     engine_reason = needs_peft_engine(adapter)
     plan = None if engine_reason else build_plan(adapter, base, info)
-    warnings = _zero_delta_warnings(adapter, plan) if plan is not None else []
+    warnings = unchecked + (_zero_delta_warnings(adapter, plan) if plan is not None else [])
     out_dtype = _output_dtype(job.dtype, base)
     resolve_device(job.device)
     if job.quantize:
@@ -153,12 +173,30 @@ def inspect_job(job: MergeJob) -> Inputs:
     parts = {
         "engine_version": ENGINE_VERSION,
         "options": job.fingerprint_options(),
-        "base": {"files": [publish.file_identity(p) for p in base.files],
-                 "config": publish.sha256_file(base_dir / "config.json") if (base_dir / "config.json").is_file() else None},
+        # hub blobs never change under a commit sha; local files are known by size and modification time
+        "base": ({"repo": base_src.repo, "sha": base_src.sha, "files": sorted(p.name for p in base.files)}
+                 if base_src.is_hub else [publish.file_identity(p) for p in base.files]),
+        "base_config": publish.sha256_file(base_dir / "config.json") if (base_dir / "config.json").is_file() else None,
         "adapter": {p.name: publish.sha256_file(p) for p in adapter.files()},
     }
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason, out_dtype,
-                  publish.fingerprint(parts), warnings)
+                  publish.fingerprint(parts), warnings, base_src, adapter_src, mismatch if job.allow_base_mismatch else None)
+
+
+def base_mismatch(adapter_config: dict, base: Resolved) -> str | None:
+    """Why the base differs from the one the adapter records (revision, repo), or None."""
+    recorded = adapter_config.get("revision")
+    asked = [r for r in (base.revision, base.sha) if r]
+    if recorded and asked and not any(r == recorded or (base.sha and base.sha.startswith(recorded)) for r in asked):
+        shown = base.revision or base.sha
+        if base.sha and base.sha != shown:
+            shown += f" (commit {base.sha})"
+        return (f"the adapter was trained on base revision {recorded} (adapter_config.json `revision`) but the base "
+                f"is revision {shown}")
+    name = adapter_config.get("base_model_name_or_path")
+    if base.is_hub and name and sources.REPO_ID.match(str(name)) and name != base.repo:
+        return f"the adapter was trained on {name} (adapter_config.json `base_model_name_or_path`) but the base is {base.repo}"
+    return None
 
 
 def _output_dtype(requested: str, base: Checkpoint) -> torch.dtype:
@@ -218,7 +256,7 @@ def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dic
     timings["merge_s"] = round(time.perf_counter() - t, 3)
     merge_peak = peak_rss_bytes()
 
-    kept = publish.copy_non_weight_files(Path(job.base), Path(job.adapter), partial)
+    kept = publish.copy_non_weight_files(inputs.base_src.path, inputs.adapter_src.path, partial)
     dtype_name = str(inputs.out_dtype).removeprefix("torch.")
     if inputs.plan is not None or not (partial / "config.json").is_file():
         publish.write_config(inputs.info.config, partial, dtype_name, vocab_size, untie)
@@ -231,8 +269,10 @@ def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dic
         "fingerprint": inputs.fingerprint,
         "engine": inputs.engine,
         "engine_reason": inputs.engine_reason,
-        "base": {"source": str(Path(job.base).resolve()), "revision": job.base_revision, "files": {}},
-        "adapter": {"source": str(Path(job.adapter).resolve()), "revision": job.adapter_revision,
+        "base": {**_source(inputs.base_src), "files": {}},
+        "allow_base_mismatch": job.allow_base_mismatch,
+        "base_mismatch": inputs.mismatch,
+        "adapter": {**_source(inputs.adapter_src),
                     "recorded_base_revision": inputs.adapter.config.get("revision"),
                     "files": {p.name: publish.sha256_file(p) for p in inputs.adapter.files()},
                     "peft_type": inputs.adapter.peft_type, "options": _adapter_options(inputs.adapter.config)},
@@ -248,6 +288,13 @@ def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dic
         "host": {"hostname": socket.gethostname(), "device": str(device)},
         "peak_rss_bytes": {"merge": merge_peak, "total": peak_rss_bytes()},
     }
+
+
+def _source(src: Resolved) -> dict:
+    if src.is_hub:
+        return {"source": f"{src.repo}@{src.sha}", "repo": src.repo, "revision": src.revision, "sha": src.sha,
+                "path": str(src.path)}
+    return {"source": str(src.path.resolve()), "repo": None, "revision": src.revision, "sha": None}
 
 
 def _adapter_options(config: dict) -> dict:
@@ -282,7 +329,7 @@ def _verify(job: MergeJob, inputs: Inputs, partial: Path, stats, vocab_size, tim
         log.warning(result["note"])
         return result
     t = time.perf_counter()
-    figures = full_verification(info.model_cls, Path(job.base), Path(job.adapter), partial, vocab_size,
+    figures = full_verification(info.model_cls, inputs.base_src.path, inputs.adapter_src.path, partial, vocab_size,
                                 job.trust_remote_code)
     timings["verify_s"] = round(time.perf_counter() - t, 3)
     tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1)
@@ -356,8 +403,9 @@ def _write_receipt(partial: Path, receipt: dict, job: MergeJob) -> None:
 
     try:
         recorded = receipt["adapter"]["options"].get("base_model_name_or_path")
-        base_name = recorded or Path(job.base).resolve().name
-        (partial / "README.md").write_text(publish.model_card(receipt, base_name, Path(job.adapter).resolve().name))
+        base_name = receipt["base"].get("repo") or recorded or Path(job.base).resolve().name
+        adapter_name = receipt["adapter"].get("repo") or Path(job.adapter).resolve().name
+        (partial / "README.md").write_text(publish.model_card(receipt, base_name, adapter_name))
         (partial / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
         publish.fsync_dir(partial)
     except OSError as exc:

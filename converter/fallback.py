@@ -23,11 +23,11 @@ def peft_merge(job, inputs, partial: Path, device) -> tuple[dict, int | None, bo
             f"but {info.note}", hint="pass --trust-remote-code if the base ships its own code, or use a LoRA adapter")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = info.model_cls.from_pretrained(job.base, dtype=inputs.out_dtype,
+        model = info.model_cls.from_pretrained(inputs.base_src.path, dtype=inputs.out_dtype,
                                                trust_remote_code=job.trust_remote_code).to(device)
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         try:
-            peft_model = PeftModel.from_pretrained(model, job.adapter)
+            peft_model = PeftModel.from_pretrained(model, inputs.adapter_src.path)
             merged = peft_model.merge_and_unload()
         except (NotImplementedError, ValueError, TypeError, AttributeError) as exc:
             raise UnsupportedAdapterError(

@@ -10,8 +10,11 @@ from converter.lora_math import lora_scale
 from converter.plan import needs_peft_engine, pattern_value, split_key
 
 
-def inspect_adapter(adapter_dir: str, base_dir: str | None = None) -> dict:
-    adapter = load_adapter(Path(adapter_dir))
+def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revision: str | None = None,
+                    base_revision: str | None = None, cache_dir: str | None = None) -> dict:
+    from converter import sources
+
+    adapter = load_adapter(sources.resolve(adapter_dir, "adapter", adapter_revision, cache_dir=cache_dir).path)
     cfg = adapter.config
     engine_reason = needs_peft_engine(adapter)
     modules: dict[str, dict] = {}
@@ -51,18 +54,26 @@ def inspect_adapter(adapter_dir: str, base_dir: str | None = None) -> dict:
     }
     if base_dir is not None:
         summary["base"] = str(base_dir)
-        summary.update(_against_base(adapter, Path(base_dir), engine_reason))
+        summary.update(_against_base(adapter, base_dir, base_revision, cache_dir, engine_reason))
     return summary
 
 
-def _against_base(adapter, base_dir: Path, engine_reason) -> dict:
+def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_reason) -> dict:
+    from converter import sources
     from converter.adapter import is_base_checkpoint_dir
     from converter.checkpoint import Checkpoint
     from converter.modelinfo import describe
     from converter.plan import build_plan
 
-    is_base_checkpoint_dir(base_dir)
-    ckpt = Checkpoint(base_dir)
+    remote = None
+    if not Path(base).exists() and sources.REPO_ID.match(base):
+        remote = sources.base_metadata(base, revision, cache_dir=cache_dir)  # headers only, no weight download
+    if remote is not None:
+        base_dir, ckpt = remote[0], Checkpoint.from_specs(remote[0], remote[1])
+    else:
+        base_dir = sources.resolve(base, "base", revision, cache_dir=cache_dir).path
+        is_base_checkpoint_dir(base_dir)
+        ckpt = Checkpoint(base_dir)
     info = describe(base_dir, list(ckpt.specs))
     out: dict = {"fits": True, "problems": [], "changes": {}, "untie": False, "vocab_size": None,
                  "architecture": info.model_cls.__name__ if info.model_cls else info.note}

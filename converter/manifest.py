@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from converter.errors import BadInputError
 from converter.options import MergeJob
+from converter.sources import REPO_ID
 
 
 class Source(BaseModel):
@@ -60,6 +61,7 @@ class JobOptions(BaseModel):
     max_logit_diff: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+    cache_dir: str | None = None  # hub cache for repo sources
 
 
 class JobSpec(JobOptions):
@@ -198,23 +200,25 @@ def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path) ->
     for field in ("base", "adapter"):
         src: Source = getattr(spec, field)
         if src.repo is not None:
-            problems.append(f"{field}: hub sources (repo: {src.repo}) are not supported yet; "
-                            "download it and use `path:`")
+            if not REPO_ID.match(src.repo):
+                problems.append(f"{field}: repo {src.repo!r} is not a hub repo id (org/name)")
+            paths[field] = Path(src.repo)  # resolved (downloaded or found in the cache) when the job is inspected
             continue
         p = Path(src.path)
         p = p if p.is_absolute() else here / p
-        if src.subfolder:
-            p = p / src.subfolder
-        if not p.is_dir():
-            problems.append(f"{field}: path {p} does not exist")
+        if not (p / src.subfolder if src.subfolder else p).is_dir():
+            problems.append(f"{field}: path {p / src.subfolder if src.subfolder else p} does not exist")
         paths[field] = p
     if problems:
         return problems, None
     options = {k: v for k, v in defaults.model_dump().items() if v is not None}
     options.update({k: v for k, v in spec.model_dump(include=set(JobOptions.model_fields)).items() if v is not None})
+    if options.get("cache_dir") and not Path(options["cache_dir"]).is_absolute():
+        options["cache_dir"] = str(here / options["cache_dir"])
     try:
         job = MergeJob(job_id=spec.id, base=paths["base"], adapter=paths["adapter"], output=out,
-                       base_revision=spec.base.revision, adapter_revision=spec.adapter.revision, **options)
+                       base_revision=spec.base.revision, adapter_revision=spec.adapter.revision,
+                       base_subfolder=spec.base.subfolder, adapter_subfolder=spec.adapter.subfolder, **options)
     except ValidationError as exc:
         return _errors(exc), None
     return [], job
@@ -227,7 +231,43 @@ def _inspect_all(jobs: list[MergeJob]) -> list[str]:
     problems = []
     for job in jobs:
         try:
-            inspect_job(job)
+            inspect_job(job, metadata_only=True)
         except BadInputError as exc:
             problems += [f"job {job.id}: {p}" for p in exc.problems]
     return problems
+
+
+def lock_manifest(path: str | Path) -> list[str]:
+    """Write back the commit sha every hub source resolves to; returns what changed.
+
+    A locked manifest converts exactly the same inputs however its branches and tags move.
+    (YAML comments are not kept: the file is rewritten from its data.)
+    """
+    from converter.sources import resolve_sha
+
+    path = Path(path)
+    load_manifest(path, check_inputs=False)  # refuse to rewrite a manifest that has problems
+    header, raw_jobs = _read(path)
+    cache_root = (header.get("defaults") or {}).get("cache_dir")
+    changes = []
+    for _, raw in raw_jobs:
+        for field in ("base", "adapter"):
+            src = raw.get(field) or {}
+            if not src.get("repo"):
+                continue
+            cache = raw.get("cache_dir", cache_root)
+            cache = str(path.resolve().parent / cache) if cache and not Path(cache).is_absolute() else cache
+            sha = resolve_sha(src["repo"], src.get("revision"), cache)
+            if src.get("revision") != sha:
+                changes.append(f"job {raw['id']}: {field} {src['repo']} {src.get('revision') or 'main'} -> {sha}")
+                src["revision"] = sha
+    if changes:
+        if path.suffix == ".jsonl":
+            lines = ([json.dumps(header)] if header else []) + [json.dumps(raw) for _, raw in raw_jobs]
+            text = "\n".join(lines) + "\n"
+        else:
+            text = yaml.safe_dump({**header, "jobs": [raw for _, raw in raw_jobs]}, sort_keys=False)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return changes

@@ -51,6 +51,11 @@ def resolve_model_class(base_dir: Path, trust_remote_code: bool):
     import transformers
     from transformers import AutoConfig
 
+    raw = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").is_file() else {}
+    if raw.get("auto_map") and not trust_remote_code and not any(hasattr(transformers, a) for a in
+                                                                 raw.get("architectures") or []):
+        return None, ("the architecture needs its own code (auto_map in config.json) and trust_remote_code "
+                      "was not given for this job")
     try:
         hf_config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, remote code refused...

@@ -24,6 +24,9 @@ class MergeJob(BaseModel):
     output: Path
     base_revision: str | None = None
     adapter_revision: str | None = None
+    base_subfolder: str | None = None
+    adapter_subfolder: str | None = None
+    cache_dir: Path | None = None  # hub cache (default: huggingface_hub's, HF_HUB_CACHE / HF_HOME)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_shard_size: str = "5GB"
@@ -72,5 +75,5 @@ class MergeJob(BaseModel):
     def fingerprint_options(self) -> dict:
         """The options that change what is written (not --force, not where it goes)."""
         return self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
-                                                     "base_revision", "allow_base_mismatch", "max_logit_diff",
+                                                     "allow_base_mismatch", "max_logit_diff",
                                                      "max_kl", "min_top1"})

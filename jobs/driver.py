@@ -28,6 +28,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from converter import sources  # noqa: E402
 from converter.checkpoint import Checkpoint  # noqa: E402
 from converter.convert import partial_dir  # noqa: E402
 from converter.errors import BadInputError  # noqa: E402
@@ -74,7 +75,9 @@ def output_lock(root: Path):
 
 def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
     """Bytes a job needs: the streaming merge, plus the model twice over for full verification when that fits."""
-    ckpt = Checkpoint(job.base)
+    ckpt = _base_checkpoint(job)
+    if ckpt is None:  # unknown until the worker fetches it: a conservative guess
+        return 4 * RUNTIME_BYTES
     largest = max(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in ckpt.specs.values())
     adapter_bytes = sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
     stream = RUNTIME_BYTES + 4 * largest + 2 * adapter_bytes
@@ -86,6 +89,18 @@ def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
     return stream
 
 
+def _base_checkpoint(job: MergeJob) -> Checkpoint | None:
+    """The base's tensor specs without fetching weights (local headers, hub headers, or the hub cache)."""
+    try:
+        if not Path(job.base).exists() and sources.REPO_ID.match(str(job.base)):
+            remote = sources.base_metadata(str(job.base), job.base_revision, job.base_subfolder, job.cache_dir)
+            if remote is not None:
+                return Checkpoint.from_specs(remote[0], remote[1])
+        return Checkpoint(sources.resolve(job.base, "base", job.base_revision, job.base_subfolder, job.cache_dir).path)
+    except BadInputError:
+        return None
+
+
 def start_ray(address: str | None) -> bool:
     """Connect to ADDRESS or RAY_ADDRESS; with neither, start a local Ray on 127.0.0.1. True if we started it."""
     if ray.is_initialized():  # an embedding program (or a test) already connected this process
@@ -94,8 +109,8 @@ def start_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return False
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False,
-             object_store_memory=256 * 1024 * 1024)
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False, object_store_memory=256 * 1024 * 1024)
     return True
 
 
@@ -191,6 +206,11 @@ def _fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _variants(variants) -> str:
+    return ", ".join(f"{q['method']} (KL {_fmt(q.get('kl'), '.2g')}, size {_fmt(q.get('size_ratio'), '.2f')}x)"
+                     for q in variants or []) or "-"
+
+
 def _short(output: str, root: Path) -> str:
     path = Path(output)
     return str(path.relative_to(root)) if root in path.parents else output
@@ -199,13 +219,14 @@ def _short(output: str, root: Path) -> str:
 def _summary(console: Console, results: list[dict], ledger_path: Path, wall: float) -> None:
     root = ledger_path.parent.parent
     table = Table(title=f"converter run: {len(results)} jobs in {wall:.1f}s")
-    for col in ("job", "status", "verify", "max |Δ|", "KL", "top-1", "time s", "output / reason"):
+    for col in ("job", "status", "verify", "max |Δ|", "KL", "top-1", "variants", "time s", "output / reason"):
         table.add_column(col)
     for r in sorted(results, key=lambda r: r["job_id"]):
         v = r.get("verification") or {}
         style = {"failed": "red", "skipped": "dim"}.get(r["status"], "green")
         table.add_row(r["job_id"], f"[{style}]{r['status']}", v.get("level") or "-", _fmt(v.get("max_abs_diff"), ".3g"),
-                      _fmt(v.get("kl"), ".2g"), _fmt(v.get("top1"), ".3f"), _fmt(r.get("seconds"), ".1f"),
+                      _fmt(v.get("kl"), ".2g"), _fmt(v.get("top1"), ".3f"), _variants(v.get("variants")),
+                      _fmt(r.get("seconds"), ".1f"),
                       _short(r["output"], root) if r["status"] != "failed" else (r.get("error") or "")[:200])
     console.print(table)
     console.print(f"ledger: {ledger_path}")

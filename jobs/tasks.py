@@ -41,8 +41,12 @@ def summarize(result_receipt: dict | None) -> dict:
     v = result_receipt.get("verification") or {}
     full = v.get("full") or {}
     modules = v.get("modules") or {}
+    variants = [{"method": q.get("method"), "path": q.get("path"), "kl": (q.get("figures") or {}).get("kl"),
+                 "top1": (q.get("figures") or {}).get("top1"), "size_ratio": q.get("size_ratio")}
+                for q in result_receipt.get("quantization") or []]
     return {"level": v.get("level"), "max_abs_diff": full.get("max_abs_diff"), "kl": full.get("kl"),
-            "top1": full.get("top1"), "modules_max_rel_err": modules.get("max_rel_err"), "note": v.get("note")}
+            "top1": full.get("top1"), "modules_max_rel_err": modules.get("max_rel_err"), "note": v.get("note"),
+            "variants": variants}
 
 
 def run_one(job_data: dict, fault: str | None = None, node_id: str | None = None) -> dict:

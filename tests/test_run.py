@@ -35,8 +35,8 @@ FEATURES = {  # six different adapters on one base
 @pytest.fixture(scope="module")
 def cluster():
     """One local Ray for the module, on loopback, stopped by its own handle."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=100 * 2**20,
-             log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 2**20, log_to_driver=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
