@@ -188,3 +188,15 @@ def test_second_run_on_same_root_is_refused(inputs, tmp_path, capsys):
         assert run_converter("run", manifest) == 2
     assert "being written by another `converter run`" in capsys.readouterr().err
     assert not (tmp_path / "out" / "plain").exists()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "single-box.yaml", "cluster.yaml"])
+def test_example_manifests_are_well_formed(name):
+    """The shipped examples follow the manifest schema (their paths exist only on their machines)."""
+    from converter.manifest import JobOptions, JobSpec
+
+    doc = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert set(doc) <= {"defaults", "output_root", "jobs"}
+    JobOptions(**doc.get("defaults", {}))
+    ids = [JobSpec(**job).id for job in doc["jobs"]]
+    assert len(ids) == len(set(ids)) >= 2
