@@ -79,13 +79,7 @@ def convert(job: MergeJob) -> JobResult:
     for spec, vdir in variants:
         _check_variant_dir(vdir, inputs.fingerprint, job.force)
 
-    if partial.exists():  # left by a run that crashed: never taken as done
-        shutil.rmtree(partial)
-    try:
-        partial.mkdir(parents=True)
-    except OSError as exc:
-        raise MergeError(f"cannot create {partial}: {exc.strerror or exc}; check that the output location "
-                         "is writable") from None
+    fresh_dir(partial)
     hasher = ThreadPoolExecutor(1)
     hashes = hasher.submit(lambda: {p.name: publish.sha256_file(p) for p in inputs.base.files})
     published: list[Path] = []
@@ -115,6 +109,18 @@ def convert(job: MergeJob) -> JobResult:
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + publish.PARTIAL_SUFFIX)
+
+
+def fresh_dir(partial: Path) -> Path:
+    """An empty ``.partial`` directory; one left by a crashed run is never taken as done."""
+    if partial.exists():
+        shutil.rmtree(partial)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise MergeError(f"cannot create {partial}: {exc.strerror or exc}; check that the output location "
+                         "is writable") from None
+    return partial
 
 
 def resolve_device(device: str) -> torch.device:
@@ -366,14 +372,7 @@ def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timi
         measure = "the model does not fit this worker's memory"
     entries = []
     for spec, vdir in variants:
-        vpartial = partial_dir(vdir)
-        if vpartial.exists():
-            shutil.rmtree(vpartial)
-        try:
-            vpartial.mkdir(parents=True)
-        except OSError as exc:
-            raise MergeError(f"cannot create {vpartial}: {exc.strerror or exc}; check that the output location "
-                             "is writable") from None
+        vpartial = fresh_dir(partial_dir(vdir))
         entry = quantize.produce_variant(spec, partial, vpartial, model_cls=inputs.info.model_cls,
                                          dtype=inputs.out_dtype, device=resolve_device(job.device),
                                          max_shard_size=job.max_shard_size, trust_remote_code=job.trust_remote_code,
