@@ -156,6 +156,12 @@ def test_bad_manifest_reports_every_problem(inputs, tmp_path, capsys):
     (tmp_path / "link").symlink_to(tmp_path.parent)
     jobs.append({"id": "g", "base": {"path": str(inputs / "base")}, "adapter": {"path": str(inputs / "plain")},
                  "output": "link/outside"})
+    jobs.append({"id": "h", "base": {"path": str(inputs / "base")}, "adapter": {"path": str(inputs / "plain")},
+                 "output": "/tmp/elsewhere"})
+    jobs.append({"id": "i", "base": {"path": str(inputs / "base")}, "adapter": {"path": str(inputs / "plain")},
+                 "output": "i", "quantize": ["bnb-int3"]})
+    jobs.append({"id": "j", "base": {"path": str(inputs / "base")}, "adapter": {"path": str(inputs / "plain")},
+                 "output": "j", "device": "tpu"})
     manifest = tmp_path / "bad.yaml"
     manifest.write_text(yaml.safe_dump({"output_root": ".", "jobs": jobs}))
     for verb in ("validate", "run"):
@@ -163,7 +169,9 @@ def test_bad_manifest_reports_every_problem(inputs, tmp_path, capsys):
         err = capsys.readouterr().err
         for needle in ("job a: duplicate id", "job b: base: path", "job c: output '../escape' escapes",
                        "job d: output", "also written by job a", "job e: dtype", "job e: colour: unknown field",
-                       "job f:", "is an adapter", "job g: output 'link/outside' escapes"):
+                       "job f:", "is an adapter", "job g: output 'link/outside' escapes",
+                       "job h: output '/tmp/elsewhere' escapes", "job i: quantize.0", "unknown quantization method",
+                       "job j: device"):
             assert needle in err, (verb, needle, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "link"]  # nothing written
 
