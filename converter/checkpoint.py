@@ -48,11 +48,15 @@ class TensorSpec:
     end: int | None = None
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * dtype_size(self.dtype)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_size(self.dtype)
 
 
 def dtype_size(dtype: torch.dtype) -> int:
@@ -210,6 +214,10 @@ class Checkpoint:
         if spec.file in self._bins:
             return self._bins[spec.file][name]
         return read_range(spec)
+
+    def fp32_bytes(self) -> int:
+        """The model's size in float32, as verification and quantization figures hold it."""
+        return 4 * sum(s.numel for s in self.specs.values())
 
     def close(self) -> None:
         self._bins.clear()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from converter import publish, sources, quantize
-from converter.adapter import Adapter, check_finite, is_base_checkpoint_dir, load_adapter
+from converter.adapter import Adapter, check_finite, load_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
                               VerificationError)
@@ -138,18 +138,10 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     ``metadata_only`` (validate, inspect): a hub base is read through its safetensors headers
     alone when the hub can be reached, without downloading its weights.
     """
-    remote = None
-    if metadata_only and not Path(job.base).exists() and sources.REPO_ID.match(str(job.base)):
-        remote = sources.base_metadata(str(job.base), job.base_revision, job.base_subfolder, job.cache_dir)
-    if remote is not None:
-        base_src = remote[2]
-    else:
-        base_src = sources.resolve(job.base, "base", job.base_revision, job.base_subfolder, job.cache_dir,
-                                   job.trust_remote_code)
+    base_src, base = sources.open_base(job.base, job.base_revision, job.base_subfolder, job.cache_dir,
+                                       job.trust_remote_code, metadata_only)
     adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
     base_dir, adapter_dir = base_src.path, adapter_src.path
-    if remote is None:
-        is_base_checkpoint_dir(base_dir)
     adapter = load_adapter(adapter_dir)
     mismatch = base_mismatch(adapter.config, base_src)
     unchecked = []
@@ -159,7 +151,6 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     if mismatch and not job.allow_base_mismatch:
         raise AdapterMismatchError(mismatch, hint="merge into the base the adapter was trained on, or set "
                                    "allow_base_mismatch (--allow-base-mismatch) if you know they match")
-    base = Checkpoint.from_specs(base_dir, remote[1]) if remote is not None else Checkpoint(base_dir)
     info = describe(base_dir, list(base.specs), job.trust_remote_code)
     nonfinite = check_finite(adapter)
     if nonfinite:
@@ -329,8 +320,7 @@ def _verify(job: MergeJob, inputs: Inputs, partial: Path, stats, vocab_size, tim
         result["note"] = f"full verification skipped, modules only: {info.note}"
         log.warning(result["note"])
         return result
-    fp32_bytes = sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in inputs.base.specs.values())
-    if not fits_in_memory(fp32_bytes):
+    if not fits_in_memory(inputs.base.fp32_bytes()):
         result["note"] = "full verification skipped, modules only: the model does not fit this worker's memory"
         log.warning(result["note"])
         return result
@@ -368,7 +358,7 @@ def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timi
     measure: bool | str = True
     if job.verify == "none":
         measure = "--verify none"
-    elif not fits_in_memory(sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in inputs.base.specs.values())):
+    elif not fits_in_memory(inputs.base.fp32_bytes()):
         measure = "the model does not fit this worker's memory"
     entries = []
     for spec, vdir in variants:

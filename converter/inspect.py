@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from converter.adapter import load_adapter
 from converter.errors import BadInputError
 from converter.lora_math import lora_scale
@@ -60,21 +58,11 @@ def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revis
 
 def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_reason) -> dict:
     from converter import sources
-    from converter.adapter import is_base_checkpoint_dir
-    from converter.checkpoint import Checkpoint
     from converter.modelinfo import describe
     from converter.plan import build_plan
 
-    remote = None
-    if not Path(base).exists() and sources.REPO_ID.match(base):
-        remote = sources.base_metadata(base, revision, cache_dir=cache_dir)  # headers only, no weight download
-    if remote is not None:
-        base_dir, ckpt = remote[0], Checkpoint.from_specs(remote[0], remote[1])
-    else:
-        base_dir = sources.resolve(base, "base", revision, cache_dir=cache_dir).path
-        is_base_checkpoint_dir(base_dir)
-        ckpt = Checkpoint(base_dir)
-    info = describe(base_dir, list(ckpt.specs))
+    src, ckpt = sources.open_base(base, revision, cache_dir=cache_dir, metadata_only=True)  # no weight download
+    info = describe(src.path, list(ckpt.specs))
     out: dict = {"fits": True, "problems": [], "changes": {}, "untie": False, "vocab_size": None,
                  "architecture": info.model_cls.__name__ if info.model_cls else info.note}
     if engine_reason:

@@ -324,9 +324,8 @@ def write_streaming(spec: QuantSpec, plan: VariantPlan, merged: Checkpoint, out_
     method = METHODS[spec.method]
     sizes = {}
     for name, s in merged.specs.items():
-        numel = s.nbytes // max(s.dtype.itemsize, 1)
-        sizes[name] = method.size(numel, spec) if name in plan.quantized else \
-            numel * (dtype.itemsize if s.dtype.is_floating_point else s.dtype.itemsize)
+        sizes[name] = method.size(s.numel, spec) if name in plan.quantized else \
+            s.numel * (dtype.itemsize if s.dtype.is_floating_point else s.dtype.itemsize)
     split = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda n: n, max_shard_size=max_shard_size,
                                                  filename_pattern="model{suffix}.safetensors")
     weight_map, total, counts = {}, 0, {"quantized": 0, "kept": 0}

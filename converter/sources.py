@@ -42,10 +42,6 @@ class Resolved:
         return f"{self.repo}@{self.sha[:12]}" if self.is_hub else str(self.path)
 
 
-def is_repo_id(value: str) -> bool:
-    return bool(REPO_ID.match(value)) and not Path(value).exists()
-
-
 def _patterns(kind: str, subfolder: str | None, trust_remote_code: bool, with_bin: bool) -> list[str]:
     patterns = (BASE_PATTERNS + (BIN_PATTERNS if with_bin else []) if kind == "base" else ADAPTER_PATTERNS)
     patterns = patterns + TOKENIZER_PATTERNS + (["*.py"] if trust_remote_code else [])
@@ -116,8 +112,29 @@ def resolve_sha(repo: str, revision: str | None, cache_dir=None) -> str:
     return HfApi().model_info(repo, revision=revision or "main").sha
 
 
+def open_base(value: str | Path, revision: str | None = None, subfolder: str | None = None, cache_dir=None,
+              trust_remote_code: bool = False, metadata_only: bool = False):
+    """(Resolved, Checkpoint) of a base directory or hub repo.
+
+    ``metadata_only`` (validate, inspect, planning): a hub base is read through its safetensors
+    headers alone when the hub can be reached, without downloading its weights; the
+    Checkpoint then plans but cannot merge.
+    """
+    from converter.adapter import is_base_checkpoint_dir
+    from converter.checkpoint import Checkpoint
+
+    if metadata_only and not Path(str(value)).exists() and REPO_ID.match(str(value)):
+        remote = base_metadata(str(value), revision, subfolder, cache_dir)
+        if remote is not None:
+            specs, src = remote
+            return src, Checkpoint.from_specs(src.path, specs)
+    src = resolve(value, "base", revision, subfolder, cache_dir, trust_remote_code)
+    is_base_checkpoint_dir(src.path)
+    return src, Checkpoint(src.path)
+
+
 def base_metadata(repo: str, revision: str | None, subfolder: str | None = None, cache_dir=None):
-    """(directory holding config.json, tensor specs, Resolved) of a hub base without fetching its weights.
+    """(tensor specs, Resolved with the directory holding config.json) of a hub base without fetching its weights.
 
     Online, the safetensors headers are read with ranged requests (huggingface_hub's
     ``get_safetensors_metadata``); offline, from the files in the local cache.
@@ -141,4 +158,4 @@ def base_metadata(repo: str, revision: str | None, subfolder: str | None = None,
     for filename, file_meta in meta.files_metadata.items():
         for name, info in file_meta.tensors.items():
             specs.append(TensorSpec(name, SAFETENSORS_DTYPES[info.dtype], tuple(info.shape), Path(filename)))
-    return config.parent, specs, Resolved(config.parent, repo, revision, sha)
+    return specs, Resolved(config.parent, repo, revision, sha)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -29,7 +30,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from converter import sources  # noqa: E402
-from converter.checkpoint import Checkpoint  # noqa: E402
 from converter.convert import partial_dir  # noqa: E402
 from converter.errors import BadInputError  # noqa: E402
 from converter.manifest import Manifest, load_manifest  # noqa: E402
@@ -75,30 +75,27 @@ def output_lock(root: Path):
 
 def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
     """Bytes a job needs: the streaming merge, plus the model twice over for full verification when that fits."""
-    ckpt = _base_checkpoint(job)
-    if ckpt is None:  # unknown until the worker fetches it: a conservative guess
+    sizes = _base_sizes(job.base, job.base_revision, job.base_subfolder, job.cache_dir)
+    if sizes is None:  # unknown until the worker fetches it: a conservative guess
         return 4 * RUNTIME_BYTES
-    largest = max(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in ckpt.specs.values())
+    largest_fp32, model_fp32 = sizes
     adapter_bytes = sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
-    stream = RUNTIME_BYTES + 4 * largest + 2 * adapter_bytes
+    stream = RUNTIME_BYTES + 4 * largest_fp32 + 2 * adapter_bytes
     if job.verify == "full":
-        model_fp32 = sum(s.nbytes // max(s.dtype.itemsize, 1) * 4 for s in ckpt.specs.values())
         full = stream + int(2.5 * model_fp32)
         if max_node_memory is None or full <= max_node_memory:
             return full
     return stream
 
 
-def _base_checkpoint(job: MergeJob) -> Checkpoint | None:
-    """The base's tensor specs without fetching weights (local headers, hub headers, or the hub cache)."""
+@functools.lru_cache(maxsize=256)
+def _base_sizes(base: Path, revision, subfolder, cache_dir) -> tuple[int, int] | None:
+    """(largest tensor, whole model) in fp32 bytes, from the headers alone; once per base, not per job."""
     try:
-        if not Path(job.base).exists() and sources.REPO_ID.match(str(job.base)):
-            remote = sources.base_metadata(str(job.base), job.base_revision, job.base_subfolder, job.cache_dir)
-            if remote is not None:
-                return Checkpoint.from_specs(remote[0], remote[1])
-        return Checkpoint(sources.resolve(job.base, "base", job.base_revision, job.base_subfolder, job.cache_dir).path)
+        _, ckpt = sources.open_base(base, revision, subfolder, cache_dir, metadata_only=True)
     except BadInputError:
         return None
+    return 4 * max(s.numel for s in ckpt.specs.values()), ckpt.fp32_bytes()
 
 
 def start_ray(address: str | None) -> bool:
