@@ -42,11 +42,6 @@ def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) ->
     return transpose(lora_b @ lora_a, True) * scale
 
 
-def add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``weight.data += delta``: PEFT adds the fp32 delta in place (promoted to fp32)."""
-    return weight + delta
-
-
 def add_delta_rounded(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``weight.data += delta.to(weight.dtype)``: PEFT's embedding merge rounds the delta first."""
     return weight + delta.to(out_dtype).float()

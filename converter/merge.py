@@ -34,11 +34,11 @@ def output_specs(plan: MergePlan, out_dtype: torch.dtype) -> list[OutSpec]:
 
 
 def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
-    """W' for one tensor in fp32 from its starting value (the base's, or the adapter's replacement):
-    LoRA / DoRA, lora_bias, trainable token rows."""
+    """W' for one tensor in fp32 from its starting value (the base's, or the adapter's replacement),
+    already in the output dtype, as PEFT merges into the base as loaded: LoRA / DoRA, lora_bias,
+    trainable token rows."""
     f32 = dict(device=device, dtype=torch.float32)
-    # PEFT merges into the base as loaded in the output dtype: round to it first (exact when widening)
-    weight = start.to(out_dtype).to(**f32, copy=True)  # our own copy: the math below works in place
+    weight = start.to(**f32, copy=True)  # our own copy: the math below works in place
     if tp.lora is not None:
         weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
     if tp.bias_key:
@@ -133,7 +133,8 @@ def stream_merge(plan: MergePlan, base: Checkpoint, adapter: Adapter, writer: Sh
 
 def _merge_one(tp: TensorPlan, before: torch.Tensor, adapter: Adapter, dtype: torch.dtype, device, probe: bool,
                tol: float, stats: MergeStats) -> torch.Tensor:
-    value = merged_value(tp, before, adapter, dtype, device)
+    start = before.to(dtype)  # rounded once: the merge starts from it and "changed" compares with it
+    value = merged_value(tp, start, adapter, dtype, device)
     if dtype.is_floating_point and value.numel():
         peak = float(value.abs().amax())  # NaN and inf propagate through amax
         if peak != peak or peak == float("inf"):
@@ -142,7 +143,7 @@ def _merge_one(tp: TensorPlan, before: torch.Tensor, adapter: Adapter, dtype: to
             raise MergeError(f"the merged value of {tp.name} overflows {dtype} (|value| up to {peak:.3g}): "
                              "choose a wider --dtype (float32 or bfloat16)")
     out = value.to(dtype).cpu()
-    if before.shape != out.shape or not torch.equal(before.to(dtype), out):
+    if start.shape != out.shape or not torch.equal(start, out):
         stats.changed += 1
     if probe and tp.lora is not None:
         err = probe_error(out, before, tp.lora, adapter)
