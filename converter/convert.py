@@ -54,8 +54,9 @@ class Inputs:
     out_dtype: torch.dtype
     fingerprint: str
     warnings: list[str]
-    base_src: Resolved | None = None
-    adapter_src: Resolved | None = None
+    base_src: Resolved
+    adapter_src: Resolved
+    adapter_hashes: dict[str, str]  # sha256 of every adapter file
     mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
 
 
@@ -167,6 +168,7 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
             raise BadInputError(f"--quantize {' '.join(str(q) for q in job.quantize)}: a quantized variant is loaded "
                                 f"through transformers, which cannot build this model ({info.note})",
                                 hint="drop --quantize for this base, or pass --trust-remote-code if it ships its code")
+    adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
     parts = {
         "engine_version": ENGINE_VERSION,
         "options": job.fingerprint_options(),
@@ -174,10 +176,11 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
         "base": ({"repo": base_src.repo, "sha": base_src.sha, "files": sorted(p.name for p in base.files)}
                  if base_src.is_hub else [publish.file_identity(p) for p in base.files]),
         "base_config": publish.sha256_file(base_dir / "config.json") if (base_dir / "config.json").is_file() else None,
-        "adapter": {p.name: publish.sha256_file(p) for p in adapter.files()},
+        "adapter": adapter_hashes,
     }
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason, out_dtype,
-                  publish.fingerprint(parts), warnings, base_src, adapter_src, mismatch if job.allow_base_mismatch else None)
+                  publish.fingerprint(parts), warnings, base_src, adapter_src, adapter_hashes,
+                  mismatch if job.allow_base_mismatch else None)
 
 
 def base_mismatch(adapter_config: dict, base: Resolved) -> str | None:
@@ -271,7 +274,7 @@ def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dic
         "base_mismatch": inputs.mismatch,
         "adapter": {**_source(inputs.adapter_src),
                     "recorded_base_revision": inputs.adapter.config.get("revision"),
-                    "files": {p.name: publish.sha256_file(p) for p in inputs.adapter.files()},
+                    "files": inputs.adapter_hashes,
                     "peft_type": inputs.adapter.peft_type, "options": _adapter_options(inputs.adapter.config)},
         "counts": counts,
         "dtype": dtype_name,
@@ -375,30 +378,27 @@ def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timi
 
 
 def _write_variant_receipt(vpartial: Path, receipt: dict, spec, out: Path) -> None:
-    import json
-
     entry = next(e for e in receipt["quantization"] if e["method"] == spec.method)
     variant = {**receipt, "variant_of": str(out.resolve()), "quantization": [entry]}
-    try:
-        (vpartial / "README.md").write_text(publish.variant_card(variant, entry, out.name))
-        (vpartial / publish.RECEIPT).write_text(json.dumps(variant, indent=2, default=str) + "\n")
-        publish.fsync_dir(vpartial)
-    except OSError as exc:
-        raise MergeError(f"could not write the receipt in {vpartial}: {exc.strerror or exc}") from None
+    _write_card_and_receipt(vpartial, publish.variant_card(variant, entry, out.name), variant)
 
 
 def _write_receipt(partial: Path, receipt: dict, job: MergeJob) -> None:
+    recorded = receipt["adapter"]["options"].get("base_model_name_or_path")
+    base_name = receipt["base"].get("repo") or recorded or Path(job.base).resolve().name
+    adapter_name = receipt["adapter"].get("repo") or Path(job.adapter).resolve().name
+    _write_card_and_receipt(partial, publish.model_card(receipt, base_name, adapter_name), receipt)
+
+
+def _write_card_and_receipt(directory: Path, card: str, receipt: dict) -> None:
     import json
 
     try:
-        recorded = receipt["adapter"]["options"].get("base_model_name_or_path")
-        base_name = receipt["base"].get("repo") or recorded or Path(job.base).resolve().name
-        adapter_name = receipt["adapter"].get("repo") or Path(job.adapter).resolve().name
-        (partial / "README.md").write_text(publish.model_card(receipt, base_name, adapter_name))
-        (partial / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
-        publish.fsync_dir(partial)
+        (directory / "README.md").write_text(card)
+        (directory / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
+        publish.fsync_dir(directory)
     except OSError as exc:
-        raise MergeError(f"could not write the receipt in {partial}: {exc.strerror or exc}") from None
+        raise MergeError(f"could not write the receipt in {directory}: {exc.strerror or exc}") from None
 
 
 def _swap_in(partial: Path, out: Path) -> None:
