@@ -257,7 +257,7 @@ def lock_manifest(path: str | Path) -> list[str]:
                 continue
             cache = raw.get("cache_dir", cache_root)
             cache = str(path.resolve().parent / cache) if cache and not Path(cache).is_absolute() else cache
-            sha = resolve_sha(src["repo"], src.get("revision"), cache)
+            sha = resolve_sha(src["repo"], field, src.get("revision"), cache)
             if src.get("revision") != sha:
                 changes.append(f"job {raw['id']}: {field} {src['repo']} {src.get('revision') or 'main'} -> {sha}")
                 src["revision"] = sha

@@ -101,12 +101,12 @@ def _download(repo: str, kind: str, revision, subfolder, cache_dir, trust_remote
     return Resolved(path, repo, revision, sha)
 
 
-def resolve_sha(repo: str, revision: str | None, cache_dir=None) -> str:
+def resolve_sha(repo: str, kind: str, revision: str | None, cache_dir=None) -> str:
     """The commit sha a revision names, without fetching weights (for `converter lock`)."""
     if revision and SHA.match(revision):
         return revision
-    if _offline():
-        return resolve(repo, "adapter", revision, cache_dir=cache_dir).sha or revision  # cache refs only
+    if _offline():  # the cache's refs/ say it; nothing is fetched
+        return _download(repo, kind, revision, None, cache_dir, False).sha
     from huggingface_hub import HfApi
 
     return HfApi().model_info(repo, revision=revision or "main").sha
