@@ -55,8 +55,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import make_synthetic  # noqa: E402
 
-ALL_METHODS = ["converter-none", "converter-modules", "peft", "copy"]
-ALIASES = {"converter": ["converter-none", "converter-modules"], "all": ALL_METHODS}
+ALL_METHODS = ["converter-none", "converter-modules", "converter-none-cold", "peft", "copy"]
+PASS_METHODS = ["pass", "separate", "copies"]  # N adapters: one pass / N merges / N synced copies
+ALIASES = {"converter": ["converter-none", "converter-modules"], "multi": PASS_METHODS,
+           "all": ["converter-none", "converter-modules", "peft", "copy"]}
 
 PEFT_SNIPPET = r"""
 import sys, warnings
@@ -93,6 +95,43 @@ os.close(fd)
 """
 
 
+PASS_SNIPPET = r"""
+import sys
+from pathlib import Path
+from converter.convert import convert_many
+from converter.options import MergeJob
+base, out, device, shard, *adapters = sys.argv[1:]
+jobs = [MergeJob(base=base, adapter=a, output=Path(out) / f"m{i}", verify="none", max_shard_size=shard,
+                 device=device or "auto") for i, a in enumerate(adapters)]
+bad = [o for o in convert_many(jobs) if isinstance(o, Exception) or o.status != "succeeded"]
+sys.exit(f"failed: {bad}" if bad else 0)
+"""
+
+SEPARATE_SNIPPET = r"""
+import subprocess, sys
+from pathlib import Path
+cmd, base, out, device, shard, *adapters = sys.argv[1:]
+for i, a in enumerate(adapters):
+    argv = cmd.split() + ["merge", "--base", base, "--adapter", a, "--output", str(Path(out) / f"m{i}"),
+                          "--verify", "none", "--max-shard-size", shard] + (["--device", device] if device else [])
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+"""
+
+COPIES_SNIPPET = r"""
+import os, shutil, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(n):
+    d = os.path.join(dst, f"m{i}")
+    os.makedirs(d, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(d, name))
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+"""
+
+
 def converter_fingerprint() -> str:
     """Short hash of converter/*.py, so runs made against different code are visible."""
     h = hashlib.sha256()
@@ -109,7 +148,19 @@ def converter_cmd() -> list[str]:
     return [sys.executable, "-m", "converter"]
 
 
-def build_cmd(method: str, base: Path, adapter: Path, out: Path, device: str | None, shard: str) -> list[str]:
+def build_cmd(method: str, base: Path, adapter: Path, out: Path, device: str | None, shard: str,
+              adapters: list[Path] | None = None) -> list[str]:
+    many = [str(a) for a in adapters or [adapter]]
+    if method == "pass":
+        return [sys.executable, "-c", PASS_SNIPPET, str(base), str(out), device or "", shard, *many]
+    if method == "separate":
+        return [sys.executable, "-c", SEPARATE_SNIPPET, " ".join(converter_cmd()), str(base), str(out), device or "",
+                shard, *many]
+    if method == "copies":
+        return [sys.executable, "-c", COPIES_SNIPPET, str(base), str(out), str(len(many))]
+    if method.endswith("-cold"):  # no converter.cache: the base is described and hashed again
+        return ["env", "CONVERTER_CACHE_DIR=off"] + build_cmd(method.removesuffix("-cold"), base, adapter, out, device,
+                                                              shard, adapters)
     if method.startswith("converter-"):
         cmd = converter_cmd() + ["merge", "--base", str(base), "--adapter", str(adapter),
                                  "--output", str(out), "--verify", method.split("-", 1)[1],
@@ -282,10 +333,18 @@ def summarize(methods, runs) -> dict:
 
     copy = summ.get("copy", {})
     peft = summ.get("peft", {})
+    separate = summ.get("separate", {})
     for m, s in summ.items():
         if s["status"] != "ok":
             continue
-        s["wall_vs_copy"] = s["wall_s"] / copy["wall_s"] if copy.get("status") == "ok" else None
+        ref = summ.get("copies", {}) if m in PASS_METHODS else copy  # N adapters: against N synced copies
+        s["wall_vs_copy"] = s["wall_s"] / ref["wall_s"] if ref.get("status") == "ok" else None
+        if m in PASS_METHODS:
+            n = next((r["adapters"] for r in runs if r["method"] == m and r.get("adapters")), None)
+            s["adapters"] = n
+            s["adapters_per_min"] = round(n / s["wall_s"] * 60, 2) if n else None
+            if m == "pass" and separate.get("status") == "ok":
+                s["speedup_vs_separate"] = separate["wall_s"] / s["wall_s"]
         s["wall_vs_peft"] = s["wall_s"] / peft["wall_s"] if peft.get("status") == "ok" else None
         s["rss_vs_peft"] = s["peak_rss_mb"] / peft["peak_rss_mb"] if peft.get("status") == "ok" else None
     return summ
@@ -310,7 +369,10 @@ def table_rows(methods, summ):
         rows.append([m, _fmt(s["wall_s"], ".2f"), _fmt(s["peak_rss_mb"], ".0f"),
                      _fmt(s["wall_vs_copy"], ".2f"), _fmt(s["wall_vs_peft"], ".2f"),
                      _fmt(s["rss_vs_peft"], ".2f"),
-                     f"n={s['n']}" + (f" src {s['converter_src'][0][:8]}" if s.get("converter_src") else "")
+                     f"n={s['n']}" + (f" {s['adapters']} adapters, {s['adapters_per_min']:.1f}/min"
+                                      if s.get("adapters") else "")
+                     + (f", {s['speedup_vs_separate']:.2f}x faster than separate" if s.get("speedup_vs_separate") else "")
+                     + (f" src {s['converter_src'][0][:8]}" if s.get("converter_src") else "")
                      + (" (MIXED SOURCE)" if s.get("warning") else "")])
     return rows
 
@@ -381,8 +443,8 @@ def parse_methods(spec: str) -> list[str]:
         if not tok:
             continue
         for m in ALIASES.get(tok, [tok]):
-            if m not in ALL_METHODS:
-                raise SystemExit(f"unknown method {m!r}; choose from {ALL_METHODS + list(ALIASES)}")
+            if m not in ALL_METHODS + PASS_METHODS:
+                raise SystemExit(f"unknown method {m!r}; choose from {ALL_METHODS + PASS_METHODS + list(ALIASES)}")
             if m not in out:
                 out.append(m)
     return out
@@ -401,12 +463,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warm", action="store_true", help="do not pre-read inputs before each run")
     ap.add_argument("--drop-caches", action="store_true", help="drop the page cache before each run (root)")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument("--adapters", type=int, default=8,
+                    help="adapters for the one-pass methods (pass, separate, copies; alias multi); default 8")
     args = ap.parse_args(argv)
     methods = parse_methods(args.methods)
 
     data_dir = args.workdir / args.preset
     syn = ensure_synthetic(args.preset, data_dir)
     base, adapter = Path(syn["base"]), Path(syn["adapter"])
+    adapters = (make_synthetic.extra_adapters(data_dir, args.adapters)
+                if any(m in PASS_METHODS for m in methods) else [adapter])
     shard = f"{make_synthetic.PRESETS[args.preset][1] // 10**9}GB"
     logs = args.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -420,12 +486,16 @@ def main(argv=None) -> int:
             if args.drop_caches:
                 drop_caches()
             elif not args.no_warm:
-                read_files([base, adapter])
+                read_files([base, *adapters])
             out = args.workdir / f"out-{args.preset}-{m}"
-            cmd = build_cmd(m, base, adapter, out, args.device, shard)
+            cmd = build_cmd(m, base, adapter, out, args.device, shard, adapters)
             fp_before = converter_fingerprint() if m.startswith("converter") else None
             r = run_once(m, cmd, out, logs / f"{args.preset}-{m}-{i}.log", args.timeout)
             r["repeat"] = i
+            if m in PASS_METHODS:
+                r["adapters"] = len(adapters)
+                if r["ok"]:
+                    r["adapters_per_min"] = round(len(adapters) / r["wall_s"] * 60, 2)
             if m.startswith("converter"):
                 r["converter_src"] = fp_before
                 if converter_fingerprint() != fp_before:

@@ -298,6 +298,36 @@ def check_with_peft(out: Path) -> None:
           f"{changed}/{len(ref)} probed weights changed by merge_and_unload, logits finite")
 
 
+def extra_adapters(out: Path, n: int) -> list[Path]:
+    """``adapter`` plus n-1 more adapters of the same shape (other seeds), for one-pass benchmarks."""
+    import torch
+
+    out = Path(out)
+    first = out / "adapter"
+    dirs = [first]
+    aspecs = None
+    for k in range(1, n):
+        d = out / f"adapter-{k}"
+        dirs.append(d)
+        if (d / "adapter_model.safetensors").is_file():
+            continue
+        if aspecs is None:
+            cfg = json.loads((out / "base" / "config.json").read_text())
+            from transformers import LlamaConfig
+
+            aspecs = adapter_tensor_specs(base_tensor_specs(LlamaConfig(**cfg)))
+        tmp = out / f".adapter-{k}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.copy(first / "adapter_config.json", tmp / "adapter_config.json")
+        gen = torch.Generator().manual_seed(1000 + k)
+        write_safetensors_streaming(
+            tmp / "adapter_model.safetensors", aspecs, torch.float32,
+            lambda name, shape: torch.empty(shape, dtype=torch.float32).normal_(0.0, LORA_STD, generator=gen))
+        tmp.rename(d)
+    return dirs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")

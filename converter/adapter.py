@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,18 @@ NOT_MERGEABLE = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def known_peft_types() -> list[str]:
-    from peft import PeftType
-
-    return sorted(t.value for t in PeftType)
+    """PEFT's own ``PeftType`` values, read from its ``peft/utils/peft_types.py`` alone: importing
+    the ``peft`` package takes seconds (it pulls in transformers and bitsandbytes)."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("peft is not installed: pip install peft")
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "peft_types.py"
+    module_spec = importlib.util.spec_from_file_location("_converter_peft_types", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return sorted(t.value for t in module.PeftType)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import click
@@ -17,13 +18,10 @@ def _setup_logging() -> None:
     logging.basicConfig(format="%(levelname)s %(message)s", level=logging.WARNING, stream=sys.stderr)
     for noisy in ("transformers", "peft", "accelerate", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    # read by transformers and huggingface_hub when (and only if) they are imported: a merge
+    # that needs neither does not pay for importing them here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,14 +134,17 @@ def lock(manifest: str) -> None:
 @cli.command()
 @click.argument("manifest")
 @click.option("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray).")
-@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N jobs at once.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N tasks at once.")
+@click.option("--group-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Jobs on the same base merged in one pass (one task) at most; 1: a task per job.")
 @click.option("--force", is_flag=True, help="Redo jobs whose outputs were made from other inputs or options.")
-def run(manifest: str, ray_address: str | None, max_concurrent: int | None, force: bool) -> None:
+def run(manifest: str, ray_address: str | None, max_concurrent: int | None, group_size: int, force: bool) -> None:
     """Convert every job of MANIFEST on Ray; re-runs skip what is done."""
     # The Ray driver lives in jobs/, the only package that imports ray; merge/inspect never load it.
     from jobs.driver import run_manifest
 
-    code = run_manifest(manifest, ray_address=ray_address, max_concurrent=max_concurrent, force=force)
+    code = run_manifest(manifest, ray_address=ray_address, max_concurrent=max_concurrent, force=force,
+                        group_size=group_size)
     if code:
         raise click.exceptions.Exit(code)
 

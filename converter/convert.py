@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from converter import publish, sources, quantize
+from converter import cache, publish, sources, quantize
 from converter.adapter import Adapter, check_finite, load_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
                               VerificationError)
-from converter.merge import PROBE_TOLERANCE, output_specs, stream_merge
+from converter.merge import PROBE_TOLERANCE, Member, output_specs, stream_merge_many
 from converter.modelinfo import ModelInfo, describe
 from converter.options import DTYPES, MergeJob
 from converter.plan import MergePlan, build_plan, needs_peft_engine
@@ -62,11 +62,63 @@ class Inputs:
 
 def convert(job: MergeJob) -> JobResult:
     """Convert one (base, adapter) pair; raises ConverterError subclasses on failure."""
+    outcome = convert_many([job])[0]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class _Ready:
+    """A job that passed every check and has work to do."""
+
+    index: int
+    job: MergeJob
+    inputs: Inputs
+    variants: list
+    timings: dict
+    t0: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def partial(self) -> Path:
+        return partial_dir(self.job.output)
+
+
+def convert_many(jobs: list[MergeJob]) -> list[JobResult | Exception]:
+    """Convert several jobs; those that share a base, output dtype, device and verification level
+    are merged in one pass (each base tensor read once, one output per adapter).
+
+    Returns one outcome per job, in order: its JobResult, or the exception that failed it. A
+    job's failure never stops the others; each output is published (or not) on its own.
+    """
+    outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
+    groups: dict[tuple, list[_Ready]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            ready = _prepare(i, job)
+        except Exception as exc:  # noqa: BLE001 - the job's outcome
+            outcomes[i] = exc
+            continue
+        if isinstance(ready, JobResult):
+            outcomes[i] = ready
+            continue
+        inp = ready.inputs
+        key = ((str(inp.base_src.path.resolve()), inp.out_dtype, job.device, job.verify != "none")
+               if inp.plan is not None else ("alone", i))
+        groups.setdefault(key, []).append(ready)
+    for members in groups.values():
+        for ready, outcome in _run_group(members):
+            outcomes[ready.index] = outcome
+    return outcomes
+
+
+def _prepare(index: int, job: MergeJob) -> "_Ready | JobResult":
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     inputs = inspect_job(job)
     timings["inspect_s"] = time.perf_counter() - t0
-    out, partial = job.output, partial_dir(job.output)
+    out = job.output
     existing = publish.read_receipt(out) if out.exists() else None
     if existing and existing.get("fingerprint") == inputs.fingerprint and existing.get("status") == "succeeded":
         return JobResult(job.id, "skipped", out, existing)
@@ -79,33 +131,143 @@ def convert(job: MergeJob) -> JobResult:
     variants = [(spec, quantize.variant_dir(out, spec)) for spec in job.quantize]
     for spec, vdir in variants:
         _check_variant_dir(vdir, inputs.fingerprint, job.force)
+    return _Ready(index, job, inputs, variants, timings, t0)
 
-    fresh_dir(partial)
-    hasher = ThreadPoolExecutor(1)
-    hashes = hasher.submit(lambda: {p.name: publish.sha256_file(p) for p in inputs.base.files})
+
+def _run_group(members: list[_Ready]) -> list[tuple[_Ready, JobResult | Exception]]:
+    """Merge the members (one pass), then verify, quantize and publish each on its own."""
+    results: list[tuple[_Ready, JobResult | Exception]] = []
+    started: list[_Ready] = []
+    for r in members:
+        try:
+            fresh_dir(r.partial)
+            started.append(r)
+        except Exception as exc:  # noqa: BLE001
+            results.append((r, exc))
+    if not started:
+        return results
+    base = started[0].inputs.base
+    hasher = ThreadPoolExecutor(min(4, len(base.files)))  # hashlib releases the GIL: shards hash in parallel
+    futures = {p.name: hasher.submit(cache.sha256_file, p) for p in base.files}
+    hashes = _Hashes(futures)
+    try:
+        merged = _merge(started)
+        for r in started:
+            outcome = merged[r.index]
+            if not isinstance(outcome, Exception):
+                outcome = _finish(r, outcome, hashes)
+            if isinstance(outcome, Exception):
+                _discard(r)
+            results.append((r, outcome))
+    except BaseException:
+        for r in started:
+            _discard(r)
+        raise
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+        base.close()
+    return results
+
+
+@dataclass
+class _Hashes:
+    """sha256 of every base weight file, computed beside the merge (from converter.cache when unchanged)."""
+
+    futures: dict
+
+    def result(self) -> dict[str, str]:
+        return {name: f.result() for name, f in self.futures.items()}
+
+
+def _merge(members: list[_Ready]) -> dict[int, dict | Exception]:
+    """The merge of every member, as a dict of what its receipt needs, or the exception that failed it."""
+    first = members[0]
+    device = resolve_device(first.job.device)
+    for r in members:
+        r.warnings = list(r.inputs.warnings)
+        for w in r.warnings:
+            log.warning(w)
+    reset_peak_rss()
+    t = time.perf_counter()
+    results: dict[int, dict | Exception] = {}
+    if first.inputs.plan is None:  # PEFT's engine: always a group of one
+        from converter.fallback import peft_merge
+
+        try:
+            counts, vocab_size, untie = peft_merge(first.job, first.inputs, first.partial, device)
+            results[first.index] = {"counts": counts, "vocab_size": vocab_size, "untie": untie, "stats": None}
+        except Exception as exc:  # noqa: BLE001
+            results[first.index] = exc
+    else:
+        writers = {}
+        try:
+            run = []
+            for r in members:
+                writers[r.index] = ShardedWriter(r.partial, output_specs(r.inputs.plan, r.inputs.out_dtype),
+                                                 r.job.max_shard_size)
+                run.append(Member(r.inputs.plan, r.inputs.adapter, writers[r.index]))
+            stream_merge_many(first.inputs.base, run, first.inputs.out_dtype, device,
+                              probe=first.job.verify != "none")
+            for r, m in zip(members, run):
+                try:
+                    if m.error is not None:
+                        raise m.error
+                    m.writer.finalize()
+                    results[r.index] = _streamed(r, m.stats)
+                except Exception as exc:  # noqa: BLE001
+                    results[r.index] = exc
+        finally:
+            for w in writers.values():
+                w.abort()
+    seconds = round(time.perf_counter() - t, 3)
+    for r in members:
+        r.timings["merge_s"] = seconds
+        if len(members) > 1:
+            r.timings["merge_pass_adapters"] = len(members)
+        if not isinstance(results[r.index], Exception):
+            results[r.index]["merge_peak"] = peak_rss_bytes()
+    return results
+
+
+def _streamed(r: _Ready, stats) -> dict:
+    plan, job = r.inputs.plan, r.job
+    counts = {"merged": plan.count("merge"), "replaced": plan.count("replace"), "copied": plan.count("copy"),
+              "added": plan.count("add"), "changed": stats.changed}
+    if stats.changed == 0:
+        msg = "the merged weights equal the base's: the adapter changes nothing at this output dtype"
+        if job.strict:
+            raise MergeError(msg + " (--strict)")
+        if not any("changes nothing" in w for w in r.warnings):
+            r.warnings.append(msg)
+            log.warning(msg)
+    return {"counts": counts, "vocab_size": plan.vocab_size, "untie": plan.untie, "stats": stats}
+
+
+def _finish(r: _Ready, merged: dict, hashes) -> JobResult | Exception:
+    job, inputs, partial = r.job, r.inputs, r.partial
     published: list[Path] = []
     try:
-        receipt = _produce(job, inputs, partial, timings)
+        receipt = _receipt(r, merged)
         receipt["base"]["files"] = hashes.result()
-        receipt["quantization"] = _quantize(job, inputs, partial, variants, timings)
-        receipt["timings"] = {**timings, "total_s": round(time.perf_counter() - t0, 3)}
+        receipt["quantization"] = _quantize(job, inputs, partial, r.variants, r.timings)
+        receipt["timings"] = {**r.timings, "total_s": round(time.perf_counter() - r.t0, 3)}
         _write_receipt(partial, receipt, job)
-        for spec, vdir in variants:  # before the main output: its receipt is the "done" marker of the whole job
-            _write_variant_receipt(partial_dir(vdir), receipt, spec, out)
+        for spec, vdir in r.variants:  # before the main output: its receipt is the "done" marker of the whole job
+            _write_variant_receipt(partial_dir(vdir), receipt, spec, job.output)
             _swap_in(partial_dir(vdir), vdir)
             published.append(vdir)
-        _swap_in(partial, out)
-    except BaseException:
-        hasher.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        for _, vdir in variants:  # a variant never outlives a failed job
-            shutil.rmtree(partial_dir(vdir), ignore_errors=True)
-            if vdir in published:
-                shutil.rmtree(vdir, ignore_errors=True)
-        raise
-    hasher.shutdown()
-    inputs.base.close()
-    return JobResult(job.id, "succeeded", out, receipt, warnings=receipt["warnings"])
+        _swap_in(partial, job.output)
+    except Exception as exc:  # noqa: BLE001
+        for vdir in published:  # a variant never outlives a failed job
+            shutil.rmtree(vdir, ignore_errors=True)
+        return exc
+    return JobResult(job.id, "succeeded", job.output, receipt, warnings=receipt["warnings"])
+
+
+def _discard(r: _Ready) -> None:
+    shutil.rmtree(r.partial, ignore_errors=True)
+    for _, vdir in r.variants:
+        shutil.rmtree(partial_dir(vdir), ignore_errors=True)
 
 
 def partial_dir(out: Path) -> Path:
@@ -221,40 +383,12 @@ def _zero_delta_warnings(adapter: Adapter, plan: MergePlan) -> list[str]:
     return []
 
 
-def _produce(job: MergeJob, inputs: Inputs, partial: Path, timings: dict) -> dict:
+def _receipt(r: _Ready, merged: dict) -> dict:
+    """Config, tokenizer and card files next to the merged weights; verification; the receipt."""
+    job, inputs, partial, timings, warnings = r.job, r.inputs, r.partial, r.timings, r.warnings
     device = resolve_device(job.device)
-    warnings = list(inputs.warnings)
-    for w in warnings:
-        log.warning(w)
-    reset_peak_rss()
-    t = time.perf_counter()
-    if inputs.plan is not None:
-        plan = inputs.plan
-        writer = ShardedWriter(partial, output_specs(plan, inputs.out_dtype), job.max_shard_size)
-        try:
-            stats = stream_merge(plan, inputs.base, inputs.adapter, writer, inputs.out_dtype, device,
-                                 probe=job.verify != "none")
-            writer.finalize()
-        finally:
-            writer.abort()
-        counts = {
-            "merged": plan.count("merge"), "replaced": plan.count("replace"), "copied": plan.count("copy"),
-            "added": plan.count("add"), "changed": stats.changed}
-        if stats.changed == 0:
-            msg = "the merged weights equal the base's: the adapter changes nothing at this output dtype"
-            if job.strict:
-                raise MergeError(msg + " (--strict)")
-            if not any("changes nothing" in w for w in warnings):
-                warnings.append(msg)
-                log.warning(msg)
-        vocab_size, untie = plan.vocab_size, plan.untie
-    else:
-        from converter.fallback import peft_merge
-
-        counts, vocab_size, untie = peft_merge(job, inputs, partial, device)
-        stats = None
-    timings["merge_s"] = round(time.perf_counter() - t, 3)
-    merge_peak = peak_rss_bytes()
+    stats, counts, vocab_size, untie = merged["stats"], merged["counts"], merged["vocab_size"], merged["untie"]
+    merge_peak = merged["merge_peak"]
 
     kept = publish.copy_non_weight_files(inputs.base_src.path, inputs.adapter_src.path, partial)
     dtype_name = str(inputs.out_dtype).removeprefix("torch.")

@@ -64,7 +64,7 @@ def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_re
     src, ckpt = sources.open_base(base, revision, cache_dir=cache_dir, metadata_only=True)  # no weight download
     info = describe(src.path, list(ckpt.specs))
     out: dict = {"fits": True, "problems": [], "changes": {}, "untie": False, "vocab_size": None,
-                 "architecture": info.model_cls.__name__ if info.model_cls else info.note}
+                 "architecture": info.cls_path.rpartition(":")[2].rpartition(".")[2] if info.cls_path else info.note}
     if engine_reason:
         return out
     try:

@@ -26,13 +26,17 @@ def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, fan_i
 
 
 def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 fan_in_fan_out: bool) -> torch.Tensor:
-    """``weight += transpose(B @ A) * scaling``, in place on ``weight`` (our own fp32 copy).
+                 fan_in_fan_out: bool, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight += transpose(B @ A) * scaling``, in place on ``weight`` (our own fp32 copy, or rows of it).
 
     The same operations and roundings as PEFT; a fused ``addmm(W, B, A, alpha=s)`` is not
-    used because it rounds ``s * (B @ A) + W`` once where PEFT rounds twice.
+    used because it rounds ``s * (B @ A) + W`` once where PEFT rounds twice. ``delta``: a
+    reused fp32 buffer for ``B @ A``.
     """
-    delta = lora_b @ lora_a
+    if delta is None:
+        delta = lora_b @ lora_a
+    else:
+        torch.mm(lora_b, lora_a, out=delta)
     delta.mul_(scale)
     return weight.add_(transpose(delta, fan_in_fan_out))
 

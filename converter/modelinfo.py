@@ -9,6 +9,7 @@ The merge itself never needs any of this when the names match.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -16,11 +17,16 @@ from pathlib import Path
 
 import torch
 
+from converter import cache
+
+
+CACHE_SCHEMA = 1
+
 
 @dataclass
 class ModelInfo:
     config: dict
-    model_cls: type | None = None
+    cls_path: str | None = None  # "module:QualName" of the transformers class
     note: str | None = None  # why the class is unavailable
     base_model_prefix: str | None = None
     model_to_ckpt: dict[str, str] = field(default_factory=dict)
@@ -30,9 +36,40 @@ class ModelInfo:
     output_embedding: str | None = None
     tied: bool = False
 
+    _cls: type | None = None
+
     @property
     def instantiable(self) -> bool:
-        return self.model_cls is not None
+        return self.cls_path is not None
+
+    @property
+    def model_cls(self) -> type | None:
+        """The class, imported when first asked for (verification, quantization): a cached
+        description lets a merge run without importing transformers at all."""
+        if self._cls is None and self.cls_path is not None:
+            import importlib
+
+            module, _, qualname = self.cls_path.partition(":")
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            self._cls = obj
+        return self._cls
+
+    def to_cache(self) -> dict:
+        return {"schema": CACHE_SCHEMA, "cls_path": self.cls_path, "note": self.note,
+                "base_model_prefix": self.base_model_prefix, "model_to_ckpt": self.model_to_ckpt,
+                "converted": sorted(self.converted), "module_types": self.module_types,
+                "input_embedding": self.input_embedding, "output_embedding": self.output_embedding,
+                "tied": self.tied}
+
+    @classmethod
+    def from_cache(cls, config: dict, data: dict) -> "ModelInfo":
+        return cls(config=config, cls_path=data["cls_path"], note=data["note"],
+                   base_model_prefix=data["base_model_prefix"], model_to_ckpt=data["model_to_ckpt"],
+                   converted=set(data["converted"]), module_types=data["module_types"],
+                   input_embedding=data["input_embedding"], output_embedding=data["output_embedding"],
+                   tied=data["tied"])
 
 
 def _text_config(config: dict) -> dict:
@@ -91,7 +128,32 @@ def _param_name(model, param) -> str | None:
 
 
 def describe(base_dir: Path, ckpt_names: list[str], trust_remote_code: bool = False) -> ModelInfo:
-    config = json.loads((Path(base_dir) / "config.json").read_text()) if (Path(base_dir) / "config.json").is_file() else {}
+    """The base's description; from converter.cache when this config and these tensor names were seen
+    with this transformers version (remote-code classes are never cached: their code may change)."""
+    config_path = Path(base_dir) / "config.json"
+    raw = config_path.read_bytes() if config_path.is_file() else b"{}"
+    config = json.loads(raw)
+    key = cache.key_of("modelinfo", CACHE_SCHEMA, hashlib.sha256(raw).hexdigest(), sorted(ckpt_names),
+                       bool(trust_remote_code), _transformers_version())
+    hit = cache.load("modelinfo", key)
+    if hit and hit.get("schema") == CACHE_SCHEMA:
+        return ModelInfo.from_cache(config, hit)
+    info = _describe(base_dir, config, ckpt_names, trust_remote_code)
+    if info.cls_path is None or not info.cls_path.startswith("transformers_modules"):
+        cache.store("modelinfo", key, info.to_cache())
+    return info
+
+
+def _transformers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def _describe(base_dir: Path, config: dict, ckpt_names: list[str], trust_remote_code: bool) -> ModelInfo:
     info = ModelInfo(config=config, tied=tie_flag(config))
     hf_config, cls_or_reason = resolve_model_class(Path(base_dir), trust_remote_code)
     if hf_config is None:
@@ -104,7 +166,8 @@ def describe(base_dir: Path, ckpt_names: list[str], trust_remote_code: bool = Fa
     except Exception as exc:  # noqa: BLE001
         info.note = f"{cls_or_reason.__name__} could not be built from the config ({str(exc).splitlines()[0][:200]})"
         return info
-    info.model_cls = cls_or_reason
+    info.cls_path = f"{cls_or_reason.__module__}:{cls_or_reason.__qualname__}"
+    info._cls = cls_or_reason
     info.base_model_prefix = getattr(model, "base_model_prefix", None) or None
     info.module_types = {n: type(m).__name__ for n, m in model.named_modules()}
     try:

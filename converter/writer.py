@@ -7,10 +7,13 @@ tensor. Shard naming and the index follow huggingface_hub's own splitting.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,23 @@ from converter.errors import MergeError
 
 ALIGN = 8
 COPY_CHUNK = 64 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range():
+    """Linux's sync_file_range(2), to start writing a finished range to disk while the merge goes on
+    (the final fsync then has little left to do); None where unavailable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_START_WRITEBACK = _sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -51,8 +71,8 @@ class _Shard:
         raw += b" " * (-(len(raw) + 8) % ALIGN)
         self.header = struct.pack("<Q", len(raw)) + raw
         self.data_bytes = offset
-        self.file = None
-        self.written: set[str] = set()
+        self.fd: int | None = None
+        self.written: dict[str, int] = {}  # bytes written per tensor
 
 
 def _io_error(path: Path, exc: OSError) -> MergeError:
@@ -62,7 +82,12 @@ def _io_error(path: Path, exc: OSError) -> MergeError:
 
 
 class ShardedWriter:
-    """Writes ``specs`` (in order) into ``directory`` as HF-named safetensors shards."""
+    """Writes ``specs`` into ``directory`` as HF-named safetensors shards.
+
+    Every tensor has a fixed place in its shard, computed up front, so tensors (and row
+    ranges of a tensor) may be written in any order and from several threads
+    (``os.pwrite``); ``finalize`` checks that every byte was written.
+    """
 
     def __init__(self, directory: Path, specs: list[OutSpec], max_shard_size: int | str):
         self.directory = Path(directory)
@@ -78,80 +103,99 @@ class ShardedWriter:
         self.is_sharded = split.is_sharded
         self.metadata = split.metadata
         self.tensor_to_shard = {n: sh for sh in self.shards for n in sh.offsets}
+        self.specs = by_name
         self.order = [s.name for sh in self.shards for s in sh.specs]
         self.total_size = sum(s.nbytes for s in specs)
+        self._lock = threading.Lock()
 
-    def _open(self, shard: _Shard):
-        if shard.file is None:
-            try:
-                shard.file = open(shard.path, "wb")
-                shard.file.write(shard.header)
-            except OSError as exc:
-                raise _io_error(shard.path, exc) from None
-        return shard.file
+    def _fd(self, shard: _Shard) -> int:
+        with self._lock:
+            if shard.fd is None:
+                try:
+                    fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                    os.pwrite(fd, shard.header, 0)
+                    os.ftruncate(fd, len(shard.header) + shard.data_bytes)
+                except OSError as exc:
+                    raise _io_error(shard.path, exc) from None
+                shard.fd = fd
+            return shard.fd
 
-    def _check_position(self, shard: _Shard, name: str) -> None:
-        begin, _ = shard.offsets[name]
-        if shard.file.tell() != len(shard.header) + begin:
-            raise MergeError(f"internal: {name} written out of order in {shard.path.name}")
+    def _place(self, name: str, offset: int, nbytes: int) -> tuple[_Shard, int]:
+        shard = self.tensor_to_shard[name]
+        begin, end = shard.offsets[name]
+        if offset < 0 or begin + offset + nbytes > end:
+            raise MergeError(f"internal: bytes {offset}..{offset + nbytes} of {name} lie outside the tensor")
+        return shard, len(shard.header) + begin + offset
+
+    def _done(self, shard: _Shard, name: str, nbytes: int, pos: int, fd: int) -> None:
+        if _START_WRITEBACK is not None:
+            _START_WRITEBACK(fd, pos, nbytes, SYNC_FILE_RANGE_WRITE)  # asynchronous; errors surface at fsync
+        with self._lock:
+            shard.written[name] = shard.written.get(name, 0) + nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard = self.tensor_to_shard[name]
-        spec = next(s for s in shard.specs if s.name == name)
+        spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise MergeError(f"internal: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {spec.dtype}{spec.shape}")
-        f = self._open(shard)
-        self._check_position(shard, name)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, offset: int, tensor: torch.Tensor) -> None:
+        """Write a contiguous part of a tensor (e.g. a range of rows) at byte ``offset`` within it."""
+        if tensor.dtype != self.specs[name].dtype:
+            raise MergeError(f"internal: {name} part is {tensor.dtype}, planned {self.specs[name].dtype}")
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        shard, pos = self._place(name, offset, len(data))
+        fd = self._fd(shard)
         try:
-            f.write(memoryview(data))
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], pos + done)
         except OSError as exc:
             raise _io_error(shard.path, exc) from None
-        shard.written.add(name)
+        self._done(shard, name, len(data), pos, fd)
 
     def copy_bytes(self, name: str, src: Path, start: int, end: int) -> None:
-        """Copy a tensor's bytes unchanged from a source safetensors file (no decode)."""
-        shard = self.tensor_to_shard[name]
-        f = self._open(shard)
-        self._check_position(shard, name)
+        """Copy a tensor's bytes unchanged from a source safetensors file (no decode, in the kernel)."""
+        shard, pos = self._place(name, 0, end - start)
+        fd = self._fd(shard)
         try:
-            f.flush()
             with open(src, "rb") as s:
-                remaining, offset = end - start, start
+                remaining, offset, out = end - start, start, pos
                 try:
                     while remaining:
-                        n = os.copy_file_range(s.fileno(), f.fileno(), min(remaining, COPY_CHUNK), offset)
+                        n = os.copy_file_range(s.fileno(), fd, min(remaining, COPY_CHUNK), offset, out)
                         if n == 0:
                             raise OSError(errno.EIO, "short copy")
-                        remaining -= n
-                        offset += n
+                        remaining, offset, out = remaining - n, offset + n, out + n
                 except OSError as exc:
                     if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                         raise
-                    s.seek(offset)
                     while remaining:
-                        chunk = s.read(min(remaining, COPY_CHUNK))
-                        f.write(chunk)
-                        remaining -= len(chunk)
-                f.seek(0, os.SEEK_END)
+                        chunk = os.pread(s.fileno(), min(remaining, COPY_CHUNK), offset)
+                        if not chunk:
+                            raise OSError(errno.EIO, "short read") from None
+                        os.pwrite(fd, chunk, out)
+                        remaining, offset, out = remaining - len(chunk), offset + len(chunk), out + len(chunk)
         except OSError as exc:
             raise _io_error(shard.path, exc) from None
-        shard.written.add(name)
+        self._done(shard, name, end - start, pos, fd)
 
     def finalize(self) -> list[str]:
-        """Close and fsync every shard, write the index; returns the file names written."""
+        """Check that every byte was written, fsync and close every shard, write the index;
+        returns the file names written."""
         names = []
         for shard in self.shards:
-            missing = [s.name for s in shard.specs if s.name not in shard.written]
-            if missing:
-                raise MergeError(f"internal: tensors never written to {shard.path.name}: {missing[:5]}")
-            f = self._open(shard)
+            short = [s.name for s in shard.specs if shard.written.get(s.name, 0) != s.nbytes]
+            if short:
+                raise MergeError(f"internal: tensors not (or not fully) written to {shard.path.name}: {short[:5]}")
+            fd = self._fd(shard)
             try:
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
+                os.fsync(fd)
+                os.close(fd)
             except OSError as exc:
                 raise _io_error(shard.path, exc) from None
+            finally:
+                shard.fd = None
             names.append(shard.path.name)
         if self.is_sharded:
             index = {"metadata": {**self.metadata, "total_size": self.total_size},
@@ -166,5 +210,9 @@ class ShardedWriter:
 
     def abort(self) -> None:
         for shard in self.shards:
-            if shard.file is not None and not shard.file.closed:
-                shard.file.close()
+            if shard.fd is not None:
+                try:
+                    os.close(shard.fd)
+                except OSError:
+                    pass
+                shard.fd = None

@@ -37,6 +37,8 @@ from converter.options import MergeJob  # noqa: E402
 
 MAX_RETRIES = 2  # attempts after a worker dies (killed, OOM)
 RUNTIME_BYTES = 1 << 30  # python + torch + transformers in a worker
+GROUP_SIZE = 8  # adapters merged in one pass over their base, at most
+CHUNK_BUFFER_BYTES = 64 << 20  # a few row chunks in flight per extra adapter of a pass
 FAULT_ENV = "CONVERTER_TEST_FAULT"  # test-only: "kill:<job id>:<marker file>"
 
 
@@ -45,10 +47,27 @@ class RunLockedError(BadInputError):
 
 
 @ray.remote(max_retries=MAX_RETRIES)
-def convert_task(job_data: dict, fault: str | None) -> dict:
-    from jobs.tasks import run_one
+def convert_task(jobs_data: list[dict], fault: str | None) -> list[dict]:
+    """One task per group of jobs that share a base: one merge pass for all of them."""
+    from jobs.tasks import run_group
 
-    return run_one(job_data, fault, ray.get_runtime_context().get_node_id())
+    return run_group(jobs_data, fault, ray.get_runtime_context().get_node_id())
+
+
+def group_jobs(jobs: list[MergeJob], group_size: int) -> list[list[MergeJob]]:
+    """Jobs on the same base (and revision, output dtype, device, verification), up to ``group_size``
+    per group, in manifest order; each group is one task and one pass over the base."""
+    groups: dict[tuple, list[list[MergeJob]]] = {}
+    order: list[list[MergeJob]] = []
+    for job in jobs:
+        key = (str(job.base), job.base_revision, job.base_subfolder, str(job.cache_dir), job.dtype, job.device,
+               job.verify != "none")
+        chunks = groups.setdefault(key, [])
+        if not chunks or len(chunks[-1]) >= group_size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(job)
+    return order
 
 
 @contextmanager
@@ -79,13 +98,17 @@ def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
     if sizes is None:  # unknown until the worker fetches it: a conservative guess
         return 4 * RUNTIME_BYTES
     largest_fp32, model_fp32 = sizes
-    adapter_bytes = sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
+    adapter_bytes = _adapter_bytes(job)
     stream = RUNTIME_BYTES + 4 * largest_fp32 + 2 * adapter_bytes
     if job.verify == "full":
         full = stream + int(2.5 * model_fp32)
         if max_node_memory is None or full <= max_node_memory:
             return full
     return stream
+
+
+def _adapter_bytes(job: MergeJob) -> int:
+    return sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -132,14 +155,18 @@ def _cluster_limits() -> tuple[bool, float | None]:
     return has_gpu, max_mem
 
 
-def _submit(job: MergeJob, has_gpu: bool, max_mem, fault: str | None):
+def _submit(group: list[MergeJob], has_gpu: bool, max_mem, fault: str | None):
+    job = group[0]
     gpu = job.device == "cuda" or (job.device == "auto" and has_gpu)
-    opts = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "memory": memory_estimate(job, max_mem)}
-    return convert_task.options(**opts).remote(job.model_dump(mode="json"), fault)
+    # the pass holds a few row chunks per adapter; verification and quantization run one job at a time
+    extra = sum(2 * _adapter_bytes(j) + CHUNK_BUFFER_BYTES for j in group[1:])
+    opts = {"num_cpus": 1, "num_gpus": 1 if gpu else 0,
+            "memory": max(memory_estimate(j, max_mem) for j in group) + extra}
+    return convert_task.options(**opts).remote([j.model_dump(mode="json") for j in group], fault)
 
 
 def run_manifest(path: str | Path, ray_address: str | None = None, max_concurrent: int | None = None,
-                 force: bool = False, console: Console | None = None) -> int:
+                 force: bool = False, console: Console | None = None, group_size: int = GROUP_SIZE) -> int:
     """Run every job of a manifest; 0 when all succeeded or were already done, 1 when any failed."""
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     manifest = load_manifest(path)  # every problem at once, before anything runs
@@ -148,18 +175,19 @@ def run_manifest(path: str | Path, ray_address: str | None = None, max_concurren
         _clean_partials(manifest, console)
         started_here = start_ray(ray_address)
         try:
-            return _run(jobs, manifest, max_concurrent, console)
+            return _run(jobs, manifest, max_concurrent, console, group_size)
         finally:
             if started_here:
                 ray.shutdown()
 
 
-def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, console: Console) -> int:
+def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, console: Console,
+         group_size: int = GROUP_SIZE) -> int:
     has_gpu, max_mem = _cluster_limits()
     fault = os.environ.get(FAULT_ENV)
     ledger_path = _ledger(manifest.output_root)
-    limit = max_concurrent or len(jobs)
-    queue, running, results = list(jobs), {}, []
+    queue, running, results = group_jobs(jobs, group_size), {}, []
+    limit = max_concurrent or len(queue)
     counts = {"succeeded": 0, "skipped": 0, "failed": 0}
     t0 = time.perf_counter()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -168,19 +196,19 @@ def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, c
         bar = progress.add_task("converting", total=len(jobs), status="")
         while queue or running:
             while queue and len(running) < limit:
-                job = queue.pop(0)
-                running[_submit(job, has_gpu, max_mem, fault)] = job
+                group = queue.pop(0)
+                running[_submit(group, has_gpu, max_mem, fault)] = group
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
-                job = running.pop(ref)
-                result = _result(ref, job)
-                results.append(result)
-                counts[result["status"]] = counts.get(result["status"], 0) + 1
-                ledger.write(json.dumps({**result, "finished_at": dt.datetime.now().isoformat()}) + "\n")
-                ledger.flush()
-                progress.advance(bar)
-                if result["status"] == "failed":
-                    progress.console.print(f"[red]failed[/] {job.id}: {result['error']}")
+                group = running.pop(ref)
+                for job, result in zip(group, _results(ref, group)):
+                    results.append(result)
+                    counts[result["status"]] = counts.get(result["status"], 0) + 1
+                    ledger.write(json.dumps({**result, "finished_at": dt.datetime.now().isoformat()}) + "\n")
+                    ledger.flush()
+                    progress.advance(bar)
+                    if result["status"] == "failed":
+                        progress.console.print(f"[red]failed[/] {job.id}: {result['error']}")
             elapsed = time.perf_counter() - t0
             finished = sum(counts.values())
             rate = f"{finished / elapsed * 60:.1f} jobs/min" if finished else ""
@@ -190,13 +218,17 @@ def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, c
     return 1 if counts["failed"] else 0
 
 
-def _result(ref, job: MergeJob) -> dict:
+def _results(ref, group: list[MergeJob]) -> list[dict]:
     try:
         return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # the task itself raised (a bug): every job of it failed
+        error = f"the task failed: {str(exc).strip().splitlines()[-1][:500]}"
+        error_type = type(exc).__name__
     except ray.exceptions.RayError as exc:  # retries used up: the worker kept dying
-        return {"job_id": job.id, "output": str(job.output), "status": "failed", "exit_code": 1,
-                "error": f"the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); "
-                         "check the node's memory and logs", "error_type": type(exc).__name__}
+        error = f"the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); check the node's memory and logs"
+        error_type = type(exc).__name__
+    return [{"job_id": job.id, "output": str(job.output), "status": "failed", "exit_code": 1, "error": error,
+             "error_type": error_type} for job in group]
 
 
 def _fmt(x, spec: str) -> str:

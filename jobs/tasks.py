@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from converter.convert import convert, partial_dir
+from converter.convert import convert_many, partial_dir
 from converter.errors import ConverterError
 from converter.options import MergeJob
 
@@ -49,23 +49,32 @@ def summarize(result_receipt: dict | None) -> dict:
             "variants": variants}
 
 
-def run_one(job_data: dict, fault: str | None = None, node_id: str | None = None) -> dict:
-    """Convert one job; never raises for the job's own failures (those are not retried)."""
-    job = MergeJob(**job_data)
-    _arm_fault(job, fault)
+def run_group(jobs_data: list[dict], fault: str | None = None, node_id: str | None = None) -> list[dict]:
+    """Convert jobs that share a base in one pass (``convert_many``); one small result per job.
+    Never raises for the jobs' own failures (those are not retried)."""
+    jobs = [MergeJob(**d) for d in jobs_data]
+    for job in jobs:
+        _arm_fault(job, fault)
     started = time.time()
-    base = {"job_id": job.id, "output": str(job.output), "node_id": node_id, "pid": os.getpid()}
-    try:
-        result = convert(job)
-    except ConverterError as exc:
-        return {**base, "status": "failed", "exit_code": exc.exit_code, "error": str(exc),
-                "error_type": type(exc).__name__, "seconds": round(time.time() - started, 3)}
-    except Exception as exc:  # noqa: BLE001 - an unexpected bug fails this job, not the run
-        return {**base, "status": "failed", "exit_code": 1, "error": f"{type(exc).__name__}: {exc}",
-                "error_type": type(exc).__name__, "traceback": traceback.format_exc(limit=8),
-                "seconds": round(time.time() - started, 3)}
-    receipt = result.receipt or {}
-    return {**base, "status": result.status, "exit_code": 0, "error": None,
+    outcomes = convert_many(jobs)
+    seconds = round(time.time() - started, 3)
+    return [_result(job, outcome, node_id, seconds) for job, outcome in zip(jobs, outcomes)]
+
+
+def run_one(job_data: dict, fault: str | None = None, node_id: str | None = None) -> dict:
+    return run_group([job_data], fault, node_id)[0]
+
+
+def _result(job: MergeJob, outcome, node_id: str | None, seconds: float) -> dict:
+    base = {"job_id": job.id, "output": str(job.output), "node_id": node_id, "pid": os.getpid(), "seconds": seconds}
+    if isinstance(outcome, ConverterError):
+        return {**base, "status": "failed", "exit_code": outcome.exit_code, "error": str(outcome),
+                "error_type": type(outcome).__name__}
+    if isinstance(outcome, Exception):  # an unexpected bug fails this job, not the run
+        return {**base, "status": "failed", "exit_code": 1, "error": f"{type(outcome).__name__}: {outcome}",
+                "error_type": type(outcome).__name__,
+                "traceback": "".join(traceback.format_exception(outcome, limit=8))}
+    receipt = outcome.receipt or {}
+    return {**base, "status": outcome.status, "exit_code": 0, "error": None,
             "fingerprint": receipt.get("fingerprint"), "verification": summarize(receipt),
-            "warnings": result.warnings, "seconds": round(time.time() - started, 3),
-            "convert_seconds": (receipt.get("timings") or {}).get("total_s")}
+            "warnings": outcome.warnings, "convert_seconds": (receipt.get("timings") or {}).get("total_s")}

@@ -1,11 +1,14 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Tests never reach a hub; everything is built on the fly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# converter.cache: one fresh cache per test session, never the user's
+os.environ.setdefault("CONVERTER_CACHE_DIR", tempfile.mkdtemp(prefix="converter-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Ray in tests: loopback only, no usage stats, no auth. Ray turns "127.0.0.1" in an address

@@ -274,46 +274,15 @@ def test_unwritable_output(where, base, adapter, tmp_path, capfd):
         assert blocker.read_text() == "not a directory"
 
 
-class _FullFile:
-    """A file object whose writes fail as on a full disk."""
-
-    def __init__(self, f, calls):
-        self._f, self._calls = f, calls
-
-    def write(self, data):
-        self._calls.append("write")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
-@pytest.mark.parametrize("where", ["file-write", "copy_file_range", "fsync"])
+@pytest.mark.parametrize("where", ["pwrite", "copy_file_range", "fsync"])
 def test_disk_full(where, base, adapter, out, capfd, monkeypatch):
-    import converter.writer as writer
-
     calls: list[str] = []
 
     def enospc(*a, **k):
         calls.append(where)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    if where == "file-write":
-        real_open = open
-
-        def full_open(path, mode="r", *a, **k):
-            f = real_open(path, mode, *a, **k)
-            return _FullFile(f, calls) if any(c in mode for c in "wax+") else f
-
-        monkeypatch.setattr(writer, "open", full_open, raising=False)
-    else:
-        monkeypatch.setattr(os, where, enospc)
+    monkeypatch.setattr(os, where, enospc)
     expect_failure(capfd, base, adapter, out, code=1, pattern="no space|disk|full")
     assert calls, f"the simulated failure at {where} was never reached: patch the place the writer uses"
 

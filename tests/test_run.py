@@ -79,6 +79,8 @@ def test_six_jobs_equal_single_merges(cluster, inputs, tmp_path, capsys):
     records = ledger(tmp_path / "out")
     assert sorted(r["job_id"] for r in records) == sorted(FEATURES)
     assert all(r["status"] == "succeeded" for r in records)
+    # jobs on one base shared one merge pass (one task), and still equal their single merges above
+    assert max(receipt(tmp_path / "out" / n)["timings"].get("merge_pass_adapters", 1) for n in FEATURES) >= 2
 
     # a re-run skips every job and leaves the receipts alone
     mtimes = {n: (tmp_path / "out" / n / "conversion.json").stat().st_mtime_ns for n in FEATURES}
@@ -120,7 +122,8 @@ def test_killed_worker_is_retried(cluster, inputs, tmp_path, monkeypatch):
 def test_killed_driver_resumes(cluster, inputs, tmp_path):
     names = list(FEATURES)
     manifest = write_manifest(tmp_path / "m.yaml", inputs, names)
-    cmd = [sys.executable, "-m", "converter", "run", str(manifest), "--ray-address", cluster, "--max-concurrent", "1"]
+    cmd = [sys.executable, "-m", "converter", "run", str(manifest), "--ray-address", cluster, "--max-concurrent", "1",
+           "--group-size", "1"]  # a task per job, so that the driver dies between jobs
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

@@ -30,7 +30,7 @@ def two_nodes():
 
 def test_jobs_land_on_both_nodes(two_nodes, inputs, tmp_path):  # noqa: F811
     manifest = write_manifest(tmp_path / "m.yaml", inputs, FEATURES)
-    assert run_converter("run", manifest, "--ray-address", two_nodes.address) == 0
+    assert run_converter("run", manifest, "--ray-address", two_nodes.address, "--group-size", "1") == 0  # a task per job
     records = ledger(tmp_path / "out")
     assert all(r["status"] == "succeeded" for r in records)
     nodes = {r["node_id"] for r in records}

@@ -49,7 +49,7 @@ def test_top1_bound_is_enforced(pair, capsys):
 def test_module_probes_catch_wrong_math(pair, monkeypatch, capsys):
     """A merge with the wrong scale is caught by the probes before anything is published."""
     real = converter.lora_math.merge_linear
-    monkeypatch.setattr(converter.lora_math, "merge_linear", lambda w, a, b, s, f: real(w, a, b, 2 * s, f))
+    monkeypatch.setattr(converter.lora_math, "merge_linear", lambda w, a, b, s, f, **k: real(w, a, b, 2 * s, f, **k))
     assert _merge(pair, "--verify", "modules") == 1
     err = capsys.readouterr().err
     assert "module probes over tolerance" in err and "self_attn.q_proj" in err

@@ -1,0 +1,78 @@
+"""A small on-disk cache for what is slow to learn and the same for every adapter of a base.
+
+Two kinds of entries, one JSON file each, under ``$CONVERTER_CACHE_DIR`` (default
+``~/.cache/converter``):
+
+- ``modelinfo/``: what the meta-device model tells about a base (module types, tied
+  embeddings, checkpoint-key conversions), keyed by the base's config.json, its tensor
+  names and the transformers version. A merge that finds it never imports transformers.
+- ``sha256/``: the sha256 of a weight file for the receipt, keyed by the file's path,
+  device, inode, size and modification time (the same identity the fingerprint uses).
+
+Entries are written atomically (temp file + rename); an unreadable or stale entry is
+ignored and rewritten. Set ``CONVERTER_CACHE_DIR=off`` to use no cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path | None:
+    value = os.environ.get("CONVERTER_CACHE_DIR")
+    if value == "off":
+        return None
+    if value:
+        return Path(value)
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "converter"
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load(kind: str, key: str) -> dict | None:
+    root = cache_dir()
+    if root is None:
+        return None
+    try:
+        return json.loads((root / kind / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(kind: str, key: str, value: dict) -> None:
+    root = cache_dir()
+    if root is None:
+        return
+    try:
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, folder / f"{key}.json")
+    except OSError:  # a cache that cannot be written only costs time
+        pass
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """The file's sha256, from the cache when the file is unchanged since it was hashed."""
+    path = Path(path)
+    st = path.stat()
+    key = key_of(str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = load("sha256", key)
+    if hit and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    store("sha256", key, {"path": str(path), "sha256": digest})
+    return digest
