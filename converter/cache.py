@@ -15,11 +15,13 @@ ignored and rewritten. Set ``CONVERTER_CACHE_DIR=off`` to use no cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from converter.publish import fingerprint
+from converter.publish import sha256_file as hash_file
 
 
 def cache_dir() -> Path | None:
@@ -30,10 +32,6 @@ def cache_dir() -> Path | None:
         return Path(value)
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "converter"
-
-
-def key_of(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def load(kind: str, key: str) -> dict | None:
@@ -61,18 +59,14 @@ def store(kind: str, key: str, value: dict) -> None:
         pass
 
 
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    """The file's sha256, from the cache when the file is unchanged since it was hashed."""
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (``publish.sha256_file``), from the cache when the file is unchanged since it was hashed."""
     path = Path(path)
     st = path.stat()
-    key = key_of(str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    key = fingerprint([str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns])
     hit = load("sha256", key)
     if hit and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    digest = h.hexdigest()
+    digest = hash_file(path)
     store("sha256", key, {"path": str(path), "sha256": digest})
     return digest

@@ -115,18 +115,22 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
 
 def read_range(spec: TensorSpec) -> torch.Tensor:
     out = torch.empty(spec.shape, dtype=spec.dtype)
-    if spec.end == spec.start:
-        return out
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    if spec.end != spec.start:
+        read_into(spec, spec.start, out.reshape(-1).view(torch.uint8))
+    return out
+
+
+def read_into(spec: TensorSpec, offset: int, buf: torch.Tensor) -> None:
+    """Fill the uint8 CPU tensor ``buf`` with bytes of ``spec``'s file from ``offset`` (positional reads,
+    no mmap); a file that ends early is named as truncated."""
+    view = memoryview(buf.numpy())
     with open(spec.file, "rb", buffering=0) as f:
-        f.seek(spec.start)
         done = 0
         while done < len(view):
-            n = f.readinto(view[done:])
+            n = os.preadv(f.fileno(), [view[done:]], offset + done)
             if not n:
                 raise BadInputError(f"{spec.file}: truncated while reading {spec.name}", hint="re-download the file")
             done += n
-    return out
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

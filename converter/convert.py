@@ -6,7 +6,7 @@ import logging
 import shutil
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +148,7 @@ def _run_group(members: list[_Ready]) -> list[tuple[_Ready, JobResult | Exceptio
         return results
     base = started[0].inputs.base
     hasher = ThreadPoolExecutor(min(4, len(base.files)))  # hashlib releases the GIL: shards hash in parallel
-    futures = {p.name: hasher.submit(cache.sha256_file, p) for p in base.files}
-    hashes = _Hashes(futures)
+    hashes = {p.name: hasher.submit(cache.sha256_file, p) for p in base.files}
     try:
         merged = _merge(started)
         for r in started:
@@ -167,16 +166,6 @@ def _run_group(members: list[_Ready]) -> list[tuple[_Ready, JobResult | Exceptio
         hasher.shutdown(wait=True, cancel_futures=True)
         base.close()
     return results
-
-
-@dataclass
-class _Hashes:
-    """sha256 of every base weight file, computed beside the merge (from converter.cache when unchanged)."""
-
-    futures: dict
-
-    def result(self) -> dict[str, str]:
-        return {name: f.result() for name, f in self.futures.items()}
 
 
 def _merge(members: list[_Ready]) -> dict[int, dict | Exception]:
@@ -243,12 +232,13 @@ def _streamed(r: _Ready, stats) -> dict:
     return {"counts": counts, "vocab_size": plan.vocab_size, "untie": plan.untie, "stats": stats}
 
 
-def _finish(r: _Ready, merged: dict, hashes) -> JobResult | Exception:
+def _finish(r: _Ready, merged: dict, hashes: dict[str, Future]) -> JobResult | Exception:
+    """``hashes``: the sha256 of each base weight file, being computed beside the merge."""
     job, inputs, partial = r.job, r.inputs, r.partial
     published: list[Path] = []
     try:
         receipt = _receipt(r, merged)
-        receipt["base"]["files"] = hashes.result()
+        receipt["base"]["files"] = {name: f.result() for name, f in hashes.items()}
         receipt["quantization"] = _quantize(job, inputs, partial, r.variants, r.timings)
         receipt["timings"] = {**r.timings, "total_s": round(time.perf_counter() - r.t0, 3)}
         _write_receipt(partial, receipt, job)

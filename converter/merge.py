@@ -2,9 +2,9 @@
 
 A plain LoRA on a linear weight (nearly every tensor an adapter changes) is merged in
 chunks of rows: the chunk is read once into a reused buffer, and for every adapter of
-the pass ``delta = B[rows] @ A`` goes into a reused fp32 scratch, is scaled, and
-``torch.add(W_rows, delta, out=...)`` adds it in fp32 and rounds once into a reused
-output buffer that a writer thread puts in place in the shard. Nothing grows with the
+the pass ``B[rows] @ A`` goes into a reused fp32 scratch, is scaled and added to the
+rows widened to fp32 (``lora_math.merge_linear``, PEFT's operations), and the sum is
+rounded once into a reused output buffer that a writer thread puts in place in the shard. Nothing grows with the
 model: memory is a few chunks, and no page of a fresh allocation is faulted in per
 tensor. Everything else (DoRA, embeddings, Conv1D, lora_bias, trainable tokens,
 replaced tensors) goes through ``merged_value`` on the whole tensor. Tensors nothing
@@ -25,8 +25,8 @@ import torch
 
 from converter import lora_math
 from converter.adapter import Adapter
-from converter.checkpoint import Checkpoint
-from converter.errors import BadInputError, MergeError
+from converter.checkpoint import Checkpoint, read_into
+from converter.errors import MergeError
 from converter.plan import LoraOp, MergePlan, TensorPlan
 from converter.writer import OutSpec, ShardedWriter
 
@@ -39,6 +39,11 @@ class MergeStats:
     changed: int = 0  # tensors whose written value differs from the base
     probes: dict[str, float] = field(default_factory=dict)  # module -> relative error
     failed_probes: list[str] = field(default_factory=list)
+
+    def record_probe(self, module: str, err: float, tol: float) -> None:
+        self.probes[module] = err
+        if not err <= tol:
+            self.failed_probes.append(f"{module}: relative error {err:.3g} > {tol:g}")
 
 
 def output_dtype(spec_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
@@ -102,6 +107,10 @@ def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: LoraOp, adapte
             norm = torch.linalg.vector_norm(w_std + op.scale * (b @ a), dim=1)
             ref = ref * (magnitude / norm).view(-1, 1)
         got = lora_math.transpose(merged, op.fan_in_fan_out) @ x
+    return relative_error(got, ref)
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
@@ -259,7 +268,7 @@ def stream_merge_many(base: Checkpoint, members: list[Member], out_dtype: torch.
         nbytes = (r1 - r0) * cols * spec.dtype.itemsize
         buf = inputs.get()
         try:
-            _pread(spec, spec.start + r0 * cols * spec.dtype.itemsize, buf[:nbytes])
+            read_into(spec, spec.start + r0 * cols * spec.dtype.itemsize, buf[:nbytes])
         except BaseException:
             inputs.put(buf)
             raise
@@ -331,17 +340,6 @@ def _guard(member: Member, fn, *args) -> None:
         fn(*args)
     except MergeError as exc:
         member.error = exc
-
-
-def _pread(spec, offset: int, buf: torch.Tensor) -> None:
-    view = memoryview(buf.numpy())
-    with open(spec.file, "rb", buffering=0) as f:
-        done = 0
-        while done < len(view):
-            n = os.preadv(f.fileno(), [view[done:]], offset + done)
-            if not n:
-                raise BadInputError(f"{spec.file}: truncated while reading {spec.name}", hint="re-download the file")
-            done += n
 
 
 def _chunk(st: _Step, r0: int, r1: int, host_in: torch.Tensor, uses: list[_Use], base: Checkpoint, device,
@@ -431,11 +429,7 @@ def _finish(u: _Use, probe: bool, tol: float) -> None:
     if u.changed:
         u.member.stats.changed += 1
     if probe and u.tp.lora is not None and u.got:
-        got, ref = torch.cat(u.got), torch.cat(u.ref)
-        err = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
-        u.member.stats.probes[u.tp.lora.module] = err
-        if not err <= tol:
-            u.member.stats.failed_probes.append(f"{u.tp.lora.module}: relative error {err:.3g} > {tol:g}")
+        u.member.stats.record_probe(u.tp.lora.module, relative_error(torch.cat(u.got), torch.cat(u.ref)), tol)
     u.a = u.b = u.probe_x = None
     u.got, u.ref = [], []
 
@@ -446,17 +440,11 @@ def _merge_one(tp: TensorPlan, before: torch.Tensor, adapter: Adapter, dtype: to
     value = merged_value(tp, start, adapter, dtype, device)
     if dtype.is_floating_point and value.numel():
         peak = float(value.abs().amax())  # NaN and inf propagate through amax
-        if peak != peak or peak == float("inf"):
-            raise MergeError(f"the merged value of {tp.name} holds NaN or infinite values")
-        if peak > torch.finfo(dtype).max:
-            raise MergeError(f"the merged value of {tp.name} overflows {dtype} (|value| up to {peak:.3g}): "
-                             "choose a wider --dtype (float32 or bfloat16)")
+        if not peak <= torch.finfo(dtype).max:
+            raise _non_finite(tp.name, peak, dtype)
     out = value.to(dtype).cpu()
     if start.shape != out.shape or not torch.equal(start, out):
         stats.changed += 1
     if probe and tp.lora is not None:
-        err = probe_error(out, before, tp.lora, adapter)
-        stats.probes[tp.lora.module] = err
-        if not err <= tol:
-            stats.failed_probes.append(f"{tp.lora.module}: relative error {err:.3g} > {tol:g}")
+        stats.record_probe(tp.lora.module, probe_error(out, before, tp.lora, adapter), tol)
     return out

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from converter import cache
+from converter.publish import fingerprint
 
 
 CACHE_SCHEMA = 1
@@ -133,8 +134,8 @@ def describe(base_dir: Path, ckpt_names: list[str], trust_remote_code: bool = Fa
     config_path = Path(base_dir) / "config.json"
     raw = config_path.read_bytes() if config_path.is_file() else b"{}"
     config = json.loads(raw)
-    key = cache.key_of("modelinfo", CACHE_SCHEMA, hashlib.sha256(raw).hexdigest(), sorted(ckpt_names),
-                       bool(trust_remote_code), _transformers_version())
+    key = fingerprint(["modelinfo", CACHE_SCHEMA, hashlib.sha256(raw).hexdigest(), sorted(ckpt_names),
+                       bool(trust_remote_code), _transformers_version()])
     hit = cache.load("modelinfo", key)
     if hit and hit.get("schema") == CACHE_SCHEMA:
         return ModelInfo.from_cache(config, hit)

@@ -95,11 +95,11 @@ def test_one_pass_for_many_adapters(small_chunks, wide, tmp_path, monkeypatch):
     root, adapters = wide
     base = root / "base16"
     read = {"bytes": 0}
-    real_pread, real_get = merge._pread, Checkpoint.get
+    real_read, real_get = merge.read_into, Checkpoint.get
 
-    def counting_pread(spec, offset, buf):
+    def counting_read(spec, offset, buf):
         read["bytes"] += buf.numel()
-        return real_pread(spec, offset, buf)
+        return real_read(spec, offset, buf)
 
     def counting_get(self, name):
         t = real_get(self, name)
@@ -107,7 +107,7 @@ def test_one_pass_for_many_adapters(small_chunks, wide, tmp_path, monkeypatch):
             read["bytes"] += t.numel() * t.element_size()
         return t
 
-    monkeypatch.setattr(merge, "_pread", counting_pread)
+    monkeypatch.setattr(merge, "read_into", counting_read)
     monkeypatch.setattr(Checkpoint, "get", counting_get)
     jobs = [_job(base, adapters[n], tmp_path / "pass" / n, job_id=n) for n in adapters]
     outcomes = convert_many(jobs)
