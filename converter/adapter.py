@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from converter.checkpoint import load_bin, safetensors_specs
+from converter.checkpoint import load_bin, read_json_object, safetensors_specs
 from converter.errors import BadInputError, UnsupportedAdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,10 +108,11 @@ def load_adapter(directory: Path) -> Adapter:
                                 hint="pass it as --base, and the adapter directory (with adapter_config.json) as --adapter")
         raise BadInputError(f"{directory} has no {ADAPTER_CONFIG}",
                             hint="point --adapter at the directory PEFT's save_pretrained wrote")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{config_path} is not valid JSON ({exc})", hint="restore the file PEFT wrote") from None
+    config = read_json_object(config_path, "adapter config", "restore the adapter_config.json PEFT wrote")
+    config_problems = check_config(config)
+    if config_problems:
+        raise BadInputError([f"{config_path}: {p}" for p in config_problems],
+                            hint="restore the adapter_config.json PEFT wrote (or fix these fields)")
     peft_type = str(config.get("peft_type", "")).upper()
     known = known_peft_types()
     if peft_type not in known:
@@ -137,6 +138,67 @@ def load_adapter(directory: Path) -> Adapter:
     if not adapter._specs:
         raise BadInputError(f"{weights} holds no tensors", hint="re-save the adapter")
     return adapter
+
+
+class _AnyConfig(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    peft_type: str
+
+
+class _LoraConfig(_AnyConfig):
+    """The types of the LoRA config fields our engine reads; other fields pass through (PEFT's own
+    engine reads the other adapter types)."""
+
+    r: int | None = Field(default=None, gt=0)
+    lora_alpha: float | None = None
+    use_rslora: bool | None = None
+    use_dora: bool | None = None
+    fan_in_fan_out: bool | None = None
+    lora_bias: bool | None = None
+    bias: str | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    target_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    @field_validator("lora_alpha", mode="before")
+    @classmethod
+    def _number(cls, value):
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("alpha_pattern", mode="before")
+    @classmethod
+    def _numbers(cls, value):
+        if isinstance(value, dict):
+            return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
+
+
+def check_config(config: dict) -> list[str]:
+    """What is wrong with the types of an adapter config's fields (empty when nothing)."""
+    try:
+        fields = _LoraConfig if str(config.get("peft_type", "")).upper() == "LORA" else _AnyConfig
+        fields(**config)
+    except ValidationError as exc:
+        by_field: dict[str, list[dict]] = {}
+        for e in exc.errors():
+            by_field.setdefault(str(e["loc"][0]), []).append(e)
+        problems = []
+        for name, errors in by_field.items():
+            if errors[0]["type"] == "missing":
+                problems.append(f"`{name}` is missing")
+                continue
+            msg = errors[0]["msg"] if len(errors) == 1 else "has a type PEFT never writes there"
+            problems.append(f"`{name}`: {msg} (got {config.get(name)!r:.60})")
+        return problems
+    except TypeError as exc:  # keys that are not strings
+        return [str(exc)]
+    return []
 
 
 def check_finite(adapter: Adapter) -> list[str]:

@@ -59,6 +59,19 @@ class TensorSpec:
         return self.numel * dtype_size(self.dtype)
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """A JSON file that must hold an object (a config, an index), or a BadInputError naming it and the fix."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BadInputError(f"cannot read {what} {path}: {exc.strerror or exc}", hint=fix) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{what} {path} is not valid JSON ({exc})", hint=fix) from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{what} {path} holds a JSON {type(value).__name__}, not an object", hint=fix)
+    return value
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -156,10 +169,10 @@ def weight_files(directory: Path) -> list[Path]:
     for index_name in WEIGHT_INDEXES:
         index = directory / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise BadInputError(f"{index}: unreadable index ({exc})", hint="re-save the model") from None
+            weight_map = read_json_object(index, "weight index", "re-download or re-save the model").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise BadInputError(f"{index}: `weight_map` is missing or not a mapping of tensor names to files",
+                                    hint="re-download or re-save the model")
             names = list(dict.fromkeys(weight_map.values()))
             missing = [n for n in names if not (directory / n).is_file()]
             if missing:
@@ -228,3 +241,47 @@ class Checkpoint:
 
     def total_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in self.files)
+
+
+# Tensor names that only quantized checkpoints hold, and the format they belong to.
+QUANTIZED_TENSOR_SUFFIXES = {
+    ".SCB": "bitsandbytes 8-bit",
+    ".weight_format": "bitsandbytes 8-bit",
+    ".absmax": "bitsandbytes 4-bit",
+    ".quant_map": "bitsandbytes 4-bit",
+    ".quant_state.bitsandbytes__nf4": "bitsandbytes 4-bit (nf4)",
+    ".quant_state.bitsandbytes__fp4": "bitsandbytes 4-bit (fp4)",
+    ".weight_scale_inv": "fp8 block-scaled",
+    ".weight_scale": "compressed-tensors",
+    ".qweight": "GPTQ/AWQ",
+    ".qzeros": "GPTQ/AWQ",
+}
+
+
+def quantization_format(config: dict, specs: dict[str, TensorSpec]) -> str | None:
+    """What quantized format a base is stored in (its config's ``quantization_config``, or tensors that
+    only quantized checkpoints hold), or None for plain weights."""
+    for scope in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        qc = scope.get("quantization_config") or scope.get("compression_config")
+        if qc:
+            return _describe_quant_config(qc)
+    for name, spec in specs.items():
+        for suffix, fmt in QUANTIZED_TENSOR_SUFFIXES.items():
+            if name.endswith(suffix):
+                return f"{fmt} (tensor {name})"
+        if spec.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return f"float8 (tensor {name} is {str(spec.dtype).removeprefix('torch.')})"
+    return None
+
+
+def _describe_quant_config(qc) -> str:
+    if not isinstance(qc, dict):
+        return "quantization_config (unreadable)"
+    method = str(qc.get("quant_method") or "unknown")
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit"):
+            return f"quant_method bitsandbytes, 4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}"
+        return "quant_method bitsandbytes, 8-bit"
+    if method == "fp8" and qc.get("weight_block_size"):
+        return f"quant_method fp8, block-scaled {qc['weight_block_size']}"
+    return f"quant_method {method}"

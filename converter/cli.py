@@ -9,9 +9,8 @@ import sys
 
 import click
 
-from converter.errors import ConverterError
-
-EXIT_BAD_INPUT = 2
+from converter.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, ConverterError, Interrupted,
+                              sigterm_interrupts, write_failure)
 
 
 def _setup_logging() -> None:
@@ -24,12 +23,22 @@ def _setup_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EXIT_CODES = """\b
+Exit status:
+  0    done (or already done: the output's receipt has the same fingerprint)
+  1    a job failed (verification over tolerance, non-finite values, full disk, write error)
+  2    bad arguments, manifest or inputs, found before any work (nothing written)
+  130  interrupted by Ctrl-C (SIGINT): finished outputs kept, unfinished ones removed
+  143  interrupted by SIGTERM: the same"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}, epilog=EXIT_CODES)
+@click.version_option(package_name="converter", prog_name="converter", message="%(prog)s %(version)s")
 def cli() -> None:
     """Merge LoRA-family adapters into their base models; write verified safetensors checkpoints."""
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.option("--base", required=True, help="Base model directory, or hub repo id (org/name).")
 @click.option("--adapter", required=True, help="Adapter directory (adapter_config.json + weights), or hub repo id.")
 @click.option("--output", required=True, help="Output directory (written as OUTPUT.partial, renamed last).")
@@ -39,13 +48,18 @@ def cli() -> None:
 @click.option("--cache-dir", default=None, help="Hub cache for repo sources (default: huggingface_hub's).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Output dtype; auto keeps the base's.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--verify", type=click.Choice(["none", "modules", "full"]), default="full", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the fp32 merge math runs; auto: CUDA when torch sees a GPU.")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              help="Largest output shard (e.g. 5GB, 500MB); shards are model-0000i-of-0000N.safetensors.")
+@click.option("--verify", type=click.Choice(["none", "modules", "full"]), default="full", show_default=True,
+              help="modules: probes through each merged weight; full: also the unmerged PeftModel's outputs "
+                   "against the merged checkpoint loaded from disk.")
 @click.option("--quantize", multiple=True, metavar="METHOD[:key=value,...]",
               help="Also write a quantized variant to OUTPUT-METHOD (repeatable): bnb-int8, bnb-nf4, bnb-fp4; "
                    "e.g. bnb-nf4:double_quant=true,compute_dtype=bfloat16.")
-@click.option("--force", is_flag=True, help="Replace an existing output made with other inputs or options.")
+@click.option("--force", is_flag=True, help="Replace an earlier output of converter made with other inputs or "
+              "options (never an input, never a directory converter did not write).")
 @click.option("--strict", is_flag=True, help="Fail on warnings, e.g. an adapter whose deltas are all zero.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the base's own model code for full verification.")
 @click.option("--allow-base-mismatch", is_flag=True, help="Merge although the base revision differs.")
@@ -54,7 +68,7 @@ def cli() -> None:
 @click.option("--min-top1", type=float, default=None, help="Lower bound on top-1 agreement (full verify).")
 @click.option("--job-id", default=None, help="Name recorded in the receipt (default: the output's name).")
 def merge(**kw) -> None:
-    """Merge one adapter into one base."""
+    """Merge one adapter into one base; write OUTPUT (and OUTPUT-METHOD per --quantize)."""
     from pydantic import ValidationError
 
     from converter.convert import convert
@@ -109,7 +123,7 @@ def _summary(result) -> None:
     click.echo(f"  {t['total_s']:.2f}s, peak RSS {r['peak_rss_bytes']['merge'] / 2**20:.0f} MiB while merging")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("manifest")
 def validate(manifest: str) -> None:
     """Resolve and inspect every job of MANIFEST; write nothing, list every problem at once."""
@@ -119,7 +133,7 @@ def validate(manifest: str) -> None:
     click.echo(f"{manifest}: {len(m.jobs)} jobs OK (output_root {m.output_root})")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("manifest")
 def lock(manifest: str) -> None:
     """Write back the commit sha every hub source of MANIFEST resolves to."""
@@ -131,7 +145,7 @@ def lock(manifest: str) -> None:
     click.echo(f"{manifest}: {'locked, ' + str(len(changes)) + ' revision(s) pinned' if changes else 'already locked'}")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("manifest")
 @click.option("--ray-address", default=None, help="Ray cluster to use (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--max-concurrent", type=click.IntRange(min=1), default=None, help="At most N tasks at once.")
@@ -149,7 +163,7 @@ def run(manifest: str, ray_address: str | None, max_concurrent: int | None, grou
         raise click.exceptions.Exit(code)
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("adapter")
 @click.option("--base", default=None, help="Base model directory or hub repo id to check the adapter against.")
 @click.option("--base-revision", default=None, help="Revision of a hub base.")
@@ -166,10 +180,11 @@ def inspect(adapter: str, base: str | None, base_revision: str | None, adapter_r
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 job failed, 2 bad arguments or input)."""
+    """Run the CLI; returns the exit status (0 ok, 1 job failed, 2 bad arguments or input, 130/143 interrupted)."""
     _setup_logging()
     try:
-        code = cli.main(args=argv, prog_name="converter", standalone_mode=False)
+        with sigterm_interrupts():
+            code = cli.main(args=argv, prog_name="converter", standalone_mode=False)
         if isinstance(code, int):  # click returns an Exit's code in non-standalone mode
             return code
     except click.exceptions.Exit as exc:
@@ -177,13 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted (SIGINT): nothing unfinished was kept", err=True)
+        return EXIT_SIGINT
+    except Interrupted as exc:
+        click.echo(f"interrupted ({exc}): nothing unfinished was kept", err=True)
+        return exc.exit_code
     except ConverterError as exc:
         kind = "error" if exc.exit_code == EXIT_BAD_INPUT else "failed"
         click.echo(f"{kind}: {exc}", err=True)
         return exc.exit_code
+    except OSError as exc:  # outside a job (a manifest, a ledger, the terminal): named, not a traceback
+        click.echo(f"failed: {write_failure(exc, 'working on')}", err=True)
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - a bug: one screen, the traceback on request
+        if os.environ.get("CONVERTER_DEBUG"):
+            raise
+        click.echo(f"failed: unexpected {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}\n"
+                   "This is a bug in converter: rerun with CONVERTER_DEBUG=1 for the traceback, and report it.",
+                   err=True)
+        return EXIT_FAILED
     return 0
 
 

@@ -6,19 +6,21 @@ import logging
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from converter import cache, publish, sources, quantize
+from converter import cache, guard, publish, sources, quantize
 from converter.adapter import Adapter, check_finite, load_adapter
-from converter.checkpoint import Checkpoint
-from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, OutputExistsError,
-                              VerificationError)
+from converter.checkpoint import Checkpoint, quantization_format
+from converter.errors import (AdapterMismatchError, BadInputError, ConverterError, MergeError, UnsupportedBaseError,
+                              VerificationError, read_failure, write_failure)
 from converter.merge import PROBE_TOLERANCE, Member, output_specs, stream_merge_many
-from converter.modelinfo import ModelInfo, describe
+from converter.modelinfo import ModelInfo, base_config, describe
 from converter.options import DTYPES, MergeJob
 from converter.plan import MergePlan, build_plan, needs_peft_engine
 from converter.sources import Resolved
@@ -77,87 +79,119 @@ class _Ready:
     inputs: Inputs
     variants: list
     timings: dict
-    t0: float
     warnings: list[str] = field(default_factory=list)
 
     @property
     def partial(self) -> Path:
-        return partial_dir(self.job.output)
+        return publish.partial_dir(self.job.output)
+
+    def own_seconds(self, finish_started: float) -> float:
+        """This job's own time: its inspection, its share of the merge pass, its verify/quantize/publish."""
+        share = self.timings.get("merge_share_s", 0.0)
+        return round(self.timings["inspect_s"] + share + time.perf_counter() - finish_started, 3)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one job: its JobResult or the exception that failed it, and its own seconds."""
+
+    index: int
+    result: JobResult | Exception
+    seconds: float
 
 
 def convert_many(jobs: list[MergeJob]) -> list[JobResult | Exception]:
-    """Convert several jobs; those that share a base, output dtype, device and verification level
-    are merged in one pass (each base tensor read once, one output per adapter).
-
-    Returns one outcome per job, in order: its JobResult, or the exception that failed it. A
-    job's failure never stops the others; each output is published (or not) on its own.
-    """
+    """Convert several jobs (see ``iter_convert``); one outcome per job, in order: its JobResult,
+    or the exception that failed it."""
     outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
-    groups: dict[tuple, list[_Ready]] = {}
-    for i, job in enumerate(jobs):
-        try:
-            ready = _prepare(i, job)
-        except Exception as exc:  # noqa: BLE001 - the job's outcome
-            outcomes[i] = exc
-            continue
-        if isinstance(ready, JobResult):
-            outcomes[i] = ready
-            continue
-        inp = ready.inputs
-        key = ((str(inp.base_src.path.resolve()), inp.out_dtype, job.device, job.verify != "none")
-               if inp.plan is not None else ("alone", i))
-        groups.setdefault(key, []).append(ready)
-    for members in groups.values():
-        for ready, outcome in _run_group(members):
-            outcomes[ready.index] = outcome
+    for done in iter_convert(jobs):
+        outcomes[done.index] = done.result
     return outcomes
 
 
-def _prepare(index: int, job: MergeJob) -> "_Ready | JobResult":
-    timings: dict[str, float] = {}
+def iter_convert(jobs: list[MergeJob]) -> Iterator[Outcome]:
+    """Convert several jobs, yielding each one's outcome as soon as it is known. Jobs that share a
+    base, output dtype, device and verification level are merged in one pass (each base tensor read
+    once, one output per adapter). A job's failure never stops the others; each output is published
+    (or not) on its own. Each output is locked against other writers until the last job is done."""
+    groups: dict[tuple, list[_Ready]] = {}
+    with ExitStack() as locks:
+        for i, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            try:
+                ready = _prepare(i, job, locks)
+            except Exception as exc:  # noqa: BLE001 - the job's outcome
+                yield Outcome(i, exc, round(time.perf_counter() - t0, 3))
+                continue
+            if isinstance(ready, JobResult):
+                yield Outcome(i, ready, round(time.perf_counter() - t0, 3))
+                continue
+            inp = ready.inputs
+            key = ((str(inp.base_src.path.resolve()), inp.out_dtype, job.device, job.verify != "none")
+                   if inp.plan is not None else ("alone", i))
+            groups.setdefault(key, []).append(ready)
+        for members in groups.values():
+            yield from _run_group(members)
+
+
+def _prepare(index: int, job: MergeJob, locks: ExitStack) -> "_Ready | JobResult":
+    """Every check before any work; the output is locked for this process from here on."""
     t0 = time.perf_counter()
-    inputs = inspect_job(job)
-    timings["inspect_s"] = time.perf_counter() - t0
-    out = job.output
-    existing = publish.read_receipt(out) if out.exists() else None
-    if existing and existing.get("fingerprint") == inputs.fingerprint and existing.get("status") == "succeeded":
-        return JobResult(job.id, "skipped", out, existing)
-    if out.exists() and not job.force:
-        why = "its receipt has another fingerprint" if existing else "it has no receipt of a finished conversion"
-        raise OutputExistsError(f"output {out} already exists and {why}",
-                                hint="pass --force to replace it, or choose another --output")
+    guard.check_inputs_untouched(job, guard.given_inputs(job))  # before resolving (or fetching) anything
+    try:
+        inputs = inspect_job(job)
+    except OSError as exc:
+        raise read_failure(exc, "the inputs") from None
+    guard.check_inputs_untouched(job, guard.resolved_inputs(inputs.base_src.path, inputs.adapter_src.path))
     if inputs.plan is not None and job.strict and inputs.warnings:
         raise BadInputError(inputs.warnings, hint="--strict turns these warnings into errors")
+    out = job.output
+    locks.enter_context(publish.output_lock(out))
+    timings = {"inspect_s": round(time.perf_counter() - t0, 3)}
     variants = [(spec, quantize.variant_dir(out, spec)) for spec in job.quantize]
+    for path in [out] + [vdir for _, vdir in variants]:
+        publish.remove_leftovers(path)  # of a run that crashed or was interrupted: never taken as done
+    existing = publish.read_receipt(out)
+    if existing and existing["fingerprint"] == inputs.fingerprint and existing.get("status") == "succeeded":
+        return JobResult(job.id, "skipped", out, existing)
+    if out.exists():
+        guard.check_replaceable(out, job.force, inputs.fingerprint)
     for spec, vdir in variants:
-        _check_variant_dir(vdir, inputs.fingerprint, job.force)
-    return _Ready(index, job, inputs, variants, timings, t0)
+        if vdir.exists():
+            guard.check_replaceable(vdir, job.force, inputs.fingerprint, what=f"quantized variant ({spec.method})")
+    return _Ready(index, job, inputs, variants, timings)
 
 
-def _run_group(members: list[_Ready]) -> list[tuple[_Ready, JobResult | Exception]]:
+def _failure(exc: Exception) -> Exception:
+    """An OSError while working (full disk, permissions) as the job's failure, named for the user."""
+    return write_failure(exc, "writing the output") if isinstance(exc, OSError) else exc
+
+
+def _run_group(members: list[_Ready]) -> Iterator[Outcome]:
     """Merge the members (one pass), then verify, quantize and publish each on its own."""
-    results: list[tuple[_Ready, JobResult | Exception]] = []
     started: list[_Ready] = []
     for r in members:
         try:
-            fresh_dir(r.partial)
+            publish.fresh_dir(r.partial)
             started.append(r)
         except Exception as exc:  # noqa: BLE001
-            results.append((r, exc))
+            yield Outcome(r.index, _failure(exc), r.timings["inspect_s"])
     if not started:
-        return results
+        return
     base = started[0].inputs.base
     hasher = ThreadPoolExecutor(min(4, len(base.files)))  # hashlib releases the GIL: shards hash in parallel
     hashes = {p.name: hasher.submit(cache.sha256_file, p) for p in base.files}
     try:
         merged = _merge(started)
         for r in started:
+            finish_started = time.perf_counter()
             outcome = merged[r.index]
             if not isinstance(outcome, Exception):
-                outcome = _finish(r, outcome, hashes)
+                outcome = _finish(r, outcome, hashes, finish_started)
             if isinstance(outcome, Exception):
                 _discard(r)
-            results.append((r, outcome))
+            yield Outcome(r.index, _failure(outcome) if isinstance(outcome, Exception) else outcome,
+                          r.own_seconds(finish_started))
     except BaseException:
         for r in started:
             _discard(r)
@@ -165,7 +199,6 @@ def _run_group(members: list[_Ready]) -> list[tuple[_Ready, JobResult | Exceptio
     finally:
         hasher.shutdown(wait=True, cancel_futures=True)
         base.close()
-    return results
 
 
 def _merge(members: list[_Ready]) -> dict[int, dict | Exception]:
@@ -211,6 +244,7 @@ def _merge(members: list[_Ready]) -> dict[int, dict | Exception]:
     seconds = round(time.perf_counter() - t, 3)
     for r in members:
         r.timings["merge_s"] = seconds
+        r.timings["merge_share_s"] = round(seconds / len(members), 3)
         if len(members) > 1:
             r.timings["merge_pass_adapters"] = len(members)
         if not isinstance(results[r.index], Exception):
@@ -232,7 +266,7 @@ def _streamed(r: _Ready, stats) -> dict:
     return {"counts": counts, "vocab_size": plan.vocab_size, "untie": plan.untie, "stats": stats}
 
 
-def _finish(r: _Ready, merged: dict, hashes: dict[str, Future]) -> JobResult | Exception:
+def _finish(r: _Ready, merged: dict, hashes: dict[str, Future], started: float) -> JobResult | Exception:
     """``hashes``: the sha256 of each base weight file, being computed beside the merge."""
     job, inputs, partial = r.job, r.inputs, r.partial
     published: list[Path] = []
@@ -240,13 +274,13 @@ def _finish(r: _Ready, merged: dict, hashes: dict[str, Future]) -> JobResult | E
         receipt = _receipt(r, merged)
         receipt["base"]["files"] = {name: f.result() for name, f in hashes.items()}
         receipt["quantization"] = _quantize(job, inputs, partial, r.variants, r.timings)
-        receipt["timings"] = {**r.timings, "total_s": round(time.perf_counter() - r.t0, 3)}
+        receipt["timings"] = {**r.timings, "total_s": r.own_seconds(started)}
         _write_receipt(partial, receipt, job)
         for spec, vdir in r.variants:  # before the main output: its receipt is the "done" marker of the whole job
-            _write_variant_receipt(partial_dir(vdir), receipt, spec, job.output)
-            _swap_in(partial_dir(vdir), vdir)
+            _write_variant_receipt(publish.partial_dir(vdir), receipt, spec, job.output)
+            publish.swap_in(publish.partial_dir(vdir), vdir)
             published.append(vdir)
-        _swap_in(partial, job.output)
+        publish.swap_in(partial, job.output)
     except Exception as exc:  # noqa: BLE001
         for vdir in published:  # a variant never outlives a failed job
             shutil.rmtree(vdir, ignore_errors=True)
@@ -257,23 +291,7 @@ def _finish(r: _Ready, merged: dict, hashes: dict[str, Future]) -> JobResult | E
 def _discard(r: _Ready) -> None:
     shutil.rmtree(r.partial, ignore_errors=True)
     for _, vdir in r.variants:
-        shutil.rmtree(partial_dir(vdir), ignore_errors=True)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + publish.PARTIAL_SUFFIX)
-
-
-def fresh_dir(partial: Path) -> Path:
-    """An empty ``.partial`` directory; one left by a crashed run is never taken as done."""
-    if partial.exists():
-        shutil.rmtree(partial)
-    try:
-        partial.mkdir(parents=True)
-    except OSError as exc:
-        raise MergeError(f"cannot create {partial}: {exc.strerror or exc}; check that the output location "
-                         "is writable") from None
-    return partial
+        shutil.rmtree(publish.partial_dir(vdir), ignore_errors=True)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -293,6 +311,13 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     """
     base_src, base = sources.open_base(job.base, job.base_revision, job.base_subfolder, job.cache_dir,
                                        job.trust_remote_code, metadata_only)
+    quantized = quantization_format(base_config(base_src.path), base.specs)
+    if quantized:
+        raise UnsupportedBaseError(
+            f"base {job.base} is stored quantized ({quantized}): its tensors are quantization codes and scales, "
+            "not weights, and converter cannot decode this format yet",
+            hint="merge into the unquantized release of this base (the bfloat16/float16 checkpoint it was "
+                 "quantized from); a QLoRA adapter merges into it as it is")
     adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
     base_dir, adapter_dir = base_src.path, adapter_src.path
     adapter = load_adapter(adapter_dir)
@@ -466,17 +491,6 @@ def _verify(job: MergeJob, inputs: Inputs, partial: Path, stats, vocab_size, tim
     return result
 
 
-def _check_variant_dir(vdir: Path, fingerprint: str, force: bool) -> None:
-    """A variant directory from another conversion is not replaced without --force (one of ours, left by a run
-    that stopped between the variant's rename and the main output's, is)."""
-    if not vdir.exists() or force:
-        return
-    existing = publish.read_receipt(vdir)
-    if existing is None or existing.get("fingerprint") != fingerprint:
-        raise OutputExistsError(f"quantized variant {vdir} already exists and was made from other inputs or options",
-                                hint="pass --force to replace it, or choose another --output")
-
-
 def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timings: dict) -> list[dict]:
     """Each requested variant, written into ``<output>-<method>.partial`` from the merged shards and measured."""
     if not variants:
@@ -489,7 +503,7 @@ def _quantize(job: MergeJob, inputs: Inputs, partial: Path, variants: list, timi
         measure = "the model does not fit this worker's memory"
     entries = []
     for spec, vdir in variants:
-        vpartial = fresh_dir(partial_dir(vdir))
+        vpartial = publish.fresh_dir(publish.partial_dir(vdir))
         entry = quantize.produce_variant(spec, partial, vpartial, model_cls=inputs.info.model_cls,
                                          dtype=inputs.out_dtype, device=resolve_device(job.device),
                                          max_shard_size=job.max_shard_size, trust_remote_code=job.trust_remote_code,
@@ -522,21 +536,7 @@ def _write_card_and_receipt(directory: Path, card: str, receipt: dict) -> None:
         (directory / publish.RECEIPT).write_text(json.dumps(receipt, indent=2, default=str) + "\n")
         publish.fsync_dir(directory)
     except OSError as exc:
-        raise MergeError(f"could not write the receipt in {directory}: {exc.strerror or exc}") from None
-
-
-def _swap_in(partial: Path, out: Path) -> None:
-    """The last step: ``<out>.partial`` becomes ``<out>`` (an old output is moved aside first)."""
-    old = None
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    partial.rename(out)
-    publish.fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        raise write_failure(exc, "writing the receipt") from None
 
 
 __all__ = ["ConverterError", "JobResult", "convert", "inspect_job"]

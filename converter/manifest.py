@@ -23,9 +23,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from converter.errors import BadInputError
+from converter import guard
+from converter.errors import BadInputError, read_failure
+from converter.guard import Place
 from converter.options import MergeJob
 from converter.sources import REPO_ID
+
+LEDGERS = "runs"  # <output_root>/runs/<timestamp>.jsonl: the run ledgers
+RUN_LOCK = ".converter-run.lock"  # <output_root>/.converter-run.lock: one `converter run` at a time
 
 
 class Source(BaseModel):
@@ -135,6 +140,7 @@ def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
     """Parse and check a manifest; one BadInputError lists every problem (job id and field)."""
     path = Path(path)
     here = path.resolve().parent
+    ray_copy = ray_working_dir_copy(here)
     header, raw_jobs = _read(path)
     problems: list[str] = []
     try:
@@ -172,13 +178,23 @@ def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
             problems.append(f"job {spec.id}: output {out} is also written by job {seen_outputs[out]}")
             continue
         seen_outputs[out] = spec.id
-        job_problems, job = _to_merge_job(spec, defaults, here, out)
+        job_problems, job = _to_merge_job(spec, defaults, here, out, ray_copy)
         problems += [f"job {spec.id}: {p}" for p in job_problems]
         if job is not None:
             jobs.append(job)
 
+    if ray_copy is not None and not Path(str(header.get("output_root") or ".")).is_absolute():
+        problems.append(f"output_root {header.get('output_root') or '.'!r} is relative, and this manifest lies in "
+                        f"Ray's temporary copy of the working directory ({ray_copy}): outputs would be written "
+                        "there and lost. Give an absolute output_root on storage every node mounts")
+    reserved = [Place("the run ledgers (reserved)", output_root / LEDGERS),
+                Place("the run lock (reserved)", output_root / RUN_LOCK)]
+    inputs = [place for job in jobs for place in guard.given_inputs(job)]
     if check_inputs:  # every job that parsed gets the engine's own checks, whatever the others have
-        problems += _inspect_all(jobs)
+        found, resolved = _inspect_all(jobs)
+        problems += found
+        inputs += resolved
+    problems += guard.manifest_problems(jobs, inputs, reserved)
     if problems:
         raise BadInputError(problems, hint=f"fix {path} and run `converter validate {path}` again")
     return Manifest(path=path, output_root=output_root, defaults=defaults, jobs=tuple(jobs))
@@ -194,7 +210,17 @@ def _output_path(root: Path, output: str) -> Path | None:
     return resolved
 
 
-def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path) -> tuple[list[str], MergeJob | None]:
+def ray_working_dir_copy(directory: Path) -> Path | None:
+    """The root of Ray's uploaded copy of a job's working directory (``ray job submit --working-dir``)
+    when ``directory`` lies inside one, else None."""
+    for candidate in [directory, *directory.parents]:
+        if candidate.name.startswith("_ray_pkg_") and candidate.parent.name == "working_dir_files":
+            return candidate
+    return None
+
+
+def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path,
+                  ray_copy: Path | None = None) -> tuple[list[str], MergeJob | None]:
     problems = []
     paths = {}
     for field in ("base", "adapter"):
@@ -204,10 +230,14 @@ def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path) ->
                 problems.append(f"{field}: repo {src.repo!r} is not a hub repo id (org/name)")
             paths[field] = Path(src.repo)  # resolved (downloaded or found in the cache) when the job is inspected
             continue
-        p = Path(src.path)
+        p = Path(src.path).expanduser()
         p = p if p.is_absolute() else here / p
         if not (p / src.subfolder if src.subfolder else p).is_dir():
-            problems.append(f"{field}: path {p / src.subfolder if src.subfolder else p} does not exist")
+            missing = f"{field}: path {p / src.subfolder if src.subfolder else p} does not exist"
+            if ray_copy is not None and not Path(src.path).is_absolute():
+                missing += (f" (a relative path resolves inside Ray's temporary copy of the working directory, "
+                            f"{ray_copy}: give absolute paths on storage every node mounts, or hub repos)")
+            problems.append(missing)
         paths[field] = p
     if problems:
         return problems, None
@@ -224,17 +254,26 @@ def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path) ->
     return [], job
 
 
-def _inspect_all(jobs: list[MergeJob]) -> list[str]:
-    """The merge engine's own checks on every job (adapter fits base, revisions, files)."""
+def _inspect_all(jobs: list[MergeJob]) -> tuple[list[str], list[Place]]:
+    """The merge engine's own checks on every job (adapter fits base, revisions, files); also the
+    directories the sources resolved to (hub snapshots), which no output may touch."""
     from converter.convert import inspect_job
 
-    problems = []
+    problems, resolved = [], []
     for job in jobs:
         try:
-            inspect_job(job, metadata_only=True)
+            inputs = inspect_job(job, metadata_only=True)
         except BadInputError as exc:
-            problems += [f"job {job.id}: {p}" for p in exc.problems]
-    return problems
+            found = [f"job {job.id}: {p}" for p in exc.problems]
+            if exc.hint:
+                found[-1] += f" (fix: {exc.hint})"
+            problems += found
+            continue
+        except OSError as exc:
+            problems += [f"job {job.id}: {read_failure(exc, 'its inputs')}"]
+            continue
+        resolved += guard.resolved_inputs(inputs.base_src.path, inputs.adapter_src.path)
+    return problems, resolved
 
 
 def lock_manifest(path: str | Path) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from converter import cache
+from converter.checkpoint import read_json_object
 from converter.publish import fingerprint
 
 
@@ -84,12 +85,20 @@ def tie_flag(config: dict) -> bool:
     return bool(text.get("tie_word_embeddings", True))
 
 
+def base_config(base_dir: Path) -> dict:
+    """The base's config.json as a dict ({} when it has none); a malformed one is bad input."""
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    return read_json_object(path, "base config", "restore the model's config.json (re-download the base)")
+
+
 def resolve_model_class(base_dir: Path, trust_remote_code: bool):
     """(hf_config, model class) or (None, reason)."""
     import transformers
     from transformers import AutoConfig
 
-    raw = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").is_file() else {}
+    raw = base_config(base_dir)
     if raw.get("auto_map") and not trust_remote_code and not any(hasattr(transformers, a) for a in
                                                                  raw.get("architectures") or []):
         return None, ("the architecture needs its own code (auto_map in config.json) and trust_remote_code "
@@ -131,9 +140,8 @@ def _param_name(model, param) -> str | None:
 def describe(base_dir: Path, ckpt_names: list[str], trust_remote_code: bool = False) -> ModelInfo:
     """The base's description; from converter.cache when this config and these tensor names were seen
     with this transformers version (remote-code classes are never cached: their code may change)."""
-    config_path = Path(base_dir) / "config.json"
-    raw = config_path.read_bytes() if config_path.is_file() else b"{}"
-    config = json.loads(raw)
+    config = base_config(Path(base_dir))
+    raw = json.dumps(config, sort_keys=True).encode()
     key = fingerprint(["modelinfo", CACHE_SCHEMA, hashlib.sha256(raw).hexdigest(), sorted(ckpt_names),
                        bool(trust_remote_code), _transformers_version()])
     hit = cache.load("modelinfo", key)

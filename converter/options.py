@@ -19,8 +19,8 @@ class MergeJob(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_id: str | None = None
-    base: Path
-    adapter: Path
+    base: str  # a directory or a hub repo id, as given (``./x`` stays a path even where no ``x`` exists)
+    adapter: str
     output: Path
     base_revision: str | None = None
     adapter_revision: str | None = None
@@ -40,6 +40,11 @@ class MergeJob(BaseModel):
     max_logit_diff: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+
+    @field_validator("base", "adapter", mode="before")
+    @classmethod
+    def _as_given(cls, value):
+        return str(value) if isinstance(value, Path) else value
 
     @field_validator("quantize", mode="before")
     @classmethod

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
+import datetime as dt
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+from contextlib import contextmanager
 from pathlib import Path
+
+from converter.errors import OutputLockedError, write_failure
 
 RECEIPT = "conversion.json"
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".partial.old"  # a replaced output, where the file system cannot exchange two directories
 # Base files that are weights or that we write ourselves.
 SKIP_BASE = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", RECEIPT, ".gitattributes",
              "config.json"}
@@ -148,10 +157,12 @@ def variant_card(receipt: dict, entry: dict, merged_name: str) -> str:
 
 
 def read_receipt(out_dir: Path) -> dict | None:
+    """The receipt of a directory this tool wrote, or None (no receipt, or not one of ours)."""
     try:
-        return json.loads((out_dir / RECEIPT).read_text())
-    except (OSError, json.JSONDecodeError):
+        receipt = json.loads((out_dir / RECEIPT).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return receipt if isinstance(receipt, dict) and isinstance(receipt.get("fingerprint"), str) else None
 
 
 def fsync_dir(path: Path) -> None:
@@ -160,3 +171,138 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Staging and atomic publish: <out>.partial is written, then exchanged with <out> in one step.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def lock_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.converter-lock")
+
+
+def replaced_dir(out: Path) -> Path:
+    """Where a previous output waits to be removed, on file systems that cannot exchange two directories."""
+    return out.with_name(out.name + REPLACED_SUFFIX)
+
+
+def staging_paths(out: Path) -> list[Path]:
+    """Paths beside ``out`` that publishing it creates and removes."""
+    return [partial_dir(out), replaced_dir(out), lock_path(out)]
+
+
+def fresh_dir(partial: Path) -> Path:
+    """An empty staging directory; one left by a crashed run is never taken as done."""
+    try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise write_failure(exc, "creating the staging directory") from None
+    return partial
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what an unfinished publish of ``out`` left (its staging directory, a replaced output);
+    the caller holds ``out``'s lock. Returns what was removed."""
+    removed = []
+    for path in (partial_dir(out), replaced_dir(out)):
+        if path.exists():
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def swap_in(partial: Path, out: Path) -> None:
+    """The last step: ``<out>.partial`` becomes ``<out>``. A previous output is exchanged with it in one
+    atomic step where the file system can (then removed); nothing is ever left under another name."""
+    if out.exists() and _exchange(partial, out):
+        fsync_dir(out.parent)
+        shutil.rmtree(partial, ignore_errors=True)  # now the previous output; a leftover .partial if this fails
+        return
+    replaced = None
+    if out.exists():
+        replaced = replaced_dir(out)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        out.rename(replaced)
+    partial.rename(out)
+    fsync_dir(out.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where not supported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def output_lock(out: Path):
+    """One writer per output: a second one (another ``converter merge`` or run on this output) is refused,
+    naming the holder. The lock dies with its process; its file is removed when released."""
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path)
+    except OSError as exc:
+        raise write_failure(exc, "creating the output's lock file") from None
+    if fd is None:
+        holder = _read_holder(path)
+        raise OutputLockedError(f"output {out} is being written by another converter process ({holder})",
+                                hint="wait for it to finish, or choose another --output")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now():%Y-%m-%d %H:%M:%S}"
+                 .encode())
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)  # closing releases the lock
+
+
+def _acquire(path: Path) -> int | None:
+    """A locked descriptor of ``path``, or None when another process holds it. A file unlinked by its
+    previous holder between our open and our lock is not ours: try again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from converter.checkpoint import DTYPE_NAMES, Checkpoint
-from converter.errors import BadInputError, MergeError
+from converter.errors import BadInputError, MergeError, write_failure
 
 QUANT_DTYPES = ("float32", "bfloat16", "float16")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -287,7 +287,7 @@ class _ShardFile:
             self.file = open(path, "wb")
             self.file.write(b"\0" * (8 + self.reserved))
         except OSError as exc:
-            raise MergeError(f"could not write {path}: {exc.strerror or exc}") from None
+            raise write_failure(exc, "writing", path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -298,7 +298,7 @@ class _ShardFile:
         try:
             self.file.write(memoryview(data))
         except OSError as exc:
-            raise MergeError(f"could not write {self.path}: {exc.strerror or exc}") from None
+            raise write_failure(exc, "writing", self.path) from None
 
     def close(self) -> None:
         raw = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
@@ -311,7 +311,7 @@ class _ShardFile:
             self.file.flush()
             os.fsync(self.file.fileno())
         except OSError as exc:
-            raise MergeError(f"could not write {self.path}: {exc.strerror or exc}") from None
+            raise write_failure(exc, "writing", self.path) from None
         finally:
             self.file.close()
 

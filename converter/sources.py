@@ -38,9 +38,6 @@ class Resolved:
     def is_hub(self) -> bool:
         return self.repo is not None
 
-    def describe(self) -> str:
-        return f"{self.repo}@{self.sha[:12]}" if self.is_hub else str(self.path)
-
 
 def _patterns(kind: str, subfolder: str | None, trust_remote_code: bool, with_bin: bool) -> list[str]:
     patterns = (BASE_PATTERNS + (BIN_PATTERNS if with_bin else []) if kind == "base" else ADAPTER_PATTERNS)
@@ -54,17 +51,50 @@ def _offline() -> bool:
     return bool(constants.is_offline_mode())
 
 
+def looks_like_path(text: str) -> bool:
+    """A value is a local path when it exists, starts with ``.``, ``/`` or ``~``, has more than one
+    ``/`` (a repo id has exactly one), or its first component is an existing directory; anything
+    else shaped like ``org/name`` is a hub repo id."""
+    if Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return True
+    return Path(text.split("/", 1)[0]).is_dir()
+
+
 def resolve(value: str | Path, kind: str, revision: str | None = None, subfolder: str | None = None,
             cache_dir: str | Path | None = None, trust_remote_code: bool = False) -> Resolved:
     """Make a source local. ``kind`` is "base" or "adapter" (which files it needs)."""
     text = str(value)
-    if Path(text).exists():
-        path = Path(text) / subfolder if subfolder else Path(text)
-        return Resolved(path, None, revision, None)
+    if looks_like_path(text):
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            why = "is a file, not a directory" if path.exists() else f"does not exist (looked at {path.resolve()})"
+            raise BadInputError(f"{kind} directory {text} {why}", hint=f"check the --{kind} path")
+        return Resolved(path / subfolder if subfolder else path, None, revision, None)
     if not REPO_ID.match(text):
         raise BadInputError(f"{kind} {text!r} is neither an existing directory nor a hub repo id (org/name)",
                             hint=f"check the --{kind} path")
     return _download(text, kind, revision, subfolder, cache_dir, trust_remote_code)
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a hub that cannot be reached (no route, refused, DNS, TLS, timeouts),
+    whichever HTTP library this huggingface_hub uses."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            lib = __import__(module)
+        except ImportError:
+            continue
+        found += [getattr(lib, n) for n in names if isinstance(getattr(lib, n, None), type)]
+    return tuple(found)
+
+
+def _unreachable(kind: str, repo: str, exc: BaseException) -> BadInputError:
+    return BadInputError(
+        f"{kind} {repo}: the hub cannot be reached ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+        + ("" if Path(repo.split('/')[0]).is_dir() else f"; there is no local directory {repo} either"),
+        hint="set HF_HUB_OFFLINE=1 to use what the local hub cache holds, or pass a local directory")
 
 
 def _download(repo: str, kind: str, revision, subfolder, cache_dir, trust_remote_code) -> Resolved:
@@ -82,17 +112,27 @@ def _download(repo: str, kind: str, revision, subfolder, cache_dir, trust_remote
             with_bin = not any(s.rfilename.endswith(".safetensors") for s in info.siblings or [])
         folder = snapshot_download(repo, revision=rev, cache_dir=cache_dir, local_files_only=offline,
                                    allow_patterns=_patterns(kind, subfolder, trust_remote_code, with_bin))
+    except network_errors() as exc:
+        raise _unreachable(kind, repo, exc) from None
     except (LocalEntryNotFoundError, FileNotFoundError):
+        if not offline:  # the hub answered, then could not be reached for the files themselves
+            raise BadInputError(f"{kind} {repo} at revision {rev}: its files could not be fetched from the hub "
+                                "and are not in the local hub cache",
+                                hint="check the network, or set HF_HUB_OFFLINE=1 with a cache that holds it, "
+                                "or pass a local directory") from None
         raise BadInputError(
-            f"{kind} {repo} at revision {rev} is not in the local hub cache and HF_HUB_OFFLINE is set",
-            hint=f"download it first (huggingface-cli download {repo} --revision {rev}) or unset HF_HUB_OFFLINE",
+            f"{kind} {repo}: there is no local directory {repo}, and as a hub repo (revision {rev}) it is not in "
+            "the local hub cache (HF_HUB_OFFLINE is set)",
+            hint=f"check the path if it is a local directory; for a hub repo, download it first (huggingface-cli "
+                 f"download {repo} --revision {rev}) or unset HF_HUB_OFFLINE",
         ) from None
     except RevisionNotFoundError:
         raise BadInputError(f"{kind} {repo} has no revision {rev!r}", hint="check the revision (sha, branch, tag "
                             "or refs/pr/N)") from None
     except (RepositoryNotFoundError, GatedRepoError) as exc:
-        raise BadInputError(f"{kind} {repo}: repository not found or not accessible ({type(exc).__name__})",
-                            hint="check the repo id, and that HF_TOKEN grants access to it") from None
+        raise BadInputError(f"{kind} {repo}: there is no local directory {repo}, and the hub repository is not "
+                            f"found or not accessible ({type(exc).__name__})",
+                            hint="check the path or the repo id, and that HF_TOKEN grants access to it") from None
     folder = Path(folder)
     sha = folder.name if SHA.match(folder.name) else rev
     path = folder / subfolder if subfolder else folder
@@ -108,8 +148,17 @@ def resolve_sha(repo: str, kind: str, revision: str | None, cache_dir=None) -> s
     if _offline():  # the cache's refs/ say it; nothing is fetched
         return _download(repo, kind, revision, None, cache_dir, False).sha
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    return HfApi().model_info(repo, revision=revision or "main").sha
+    try:
+        return HfApi().model_info(repo, revision=revision or "main").sha
+    except network_errors() as exc:
+        raise _unreachable(kind, repo, exc) from None
+    except RevisionNotFoundError:
+        raise BadInputError(f"{kind} {repo} has no revision {revision!r}", hint="check the revision") from None
+    except RepositoryNotFoundError:
+        raise BadInputError(f"{kind} {repo}: repository not found or not accessible",
+                            hint="check the repo id, and that HF_TOKEN grants access to it") from None
 
 
 def open_base(value: str | Path, revision: str | None = None, subfolder: str | None = None, cache_dir=None,
@@ -123,7 +172,7 @@ def open_base(value: str | Path, revision: str | None = None, subfolder: str | N
     from converter.adapter import is_base_checkpoint_dir
     from converter.checkpoint import Checkpoint
 
-    if metadata_only and not Path(str(value)).exists() and REPO_ID.match(str(value)):
+    if metadata_only and not looks_like_path(str(value)) and REPO_ID.match(str(value)):
         remote = base_metadata(str(value), revision, subfolder, cache_dir)
         if remote is not None:
             specs, src = remote

@@ -21,7 +21,7 @@ import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 
 from converter.checkpoint import DTYPE_NAMES, TensorSpec
-from converter.errors import MergeError
+from converter.errors import MergeError, write_failure
 
 ALIGN = 8
 COPY_CHUNK = 64 * 1024 * 1024
@@ -76,9 +76,7 @@ class _Shard:
 
 
 def _io_error(path: Path, exc: OSError) -> MergeError:
-    if exc.errno == errno.ENOSPC:
-        return MergeError(f"no space left on the device while writing {path}: free some space, or choose another --output")
-    return MergeError(f"could not write {path}: {exc.strerror or exc}. Check that the output location is writable.")
+    return write_failure(exc, "writing", path)
 
 
 class ShardedWriter:

@@ -1,45 +1,53 @@
-"""The Ray driver for ``converter run``: plan, submit, watch, summarise.
+"""The Ray driver for ``converter run``: plan, submit, watch, record, summarise.
 
-One task per job. Each declares what it needs (CPUs, a GPU for CUDA jobs, memory
-estimated from the largest tensor, the adapter and, for full verification, the model),
-so Ray never packs more jobs onto a node than fit. A worker that dies is retried by
-Ray (``max_retries``); a job that fails validation or verification returns a failed
-result and is not retried. Workers are long-lived processes that Ray reuses between
-tasks, so torch, transformers and peft are imported once per worker.
+Jobs that share a base go in groups; each group is one task, which declares what it needs (CPUs,
+a GPU for CUDA jobs, memory estimated from the largest tensor, the adapters and, for full
+verification, the model) so Ray never packs more jobs onto a node than fit. A task is a Ray
+generator: it reports each job's record as that job finishes, and the driver writes it to the
+ledger at once. A worker that dies is retried by Ray (``max_retries``; records already reported
+are not reported again); a job that fails its checks or its verification is recorded as failed
+and not retried. Workers are long-lived processes that Ray reuses between tasks, so torch,
+transformers and peft are imported once per worker.
+
+Ctrl-C (SIGINT) or SIGTERM: running tasks are cancelled (their jobs remove their own staging
+directories), anything a job left unfinished is removed, the summary of what finished is printed,
+and the run exits 130 or 143.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import functools
-import json
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if not (sys.stdout.isatty() and sys.stderr.isatty()):
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's own log lines, plain in files and CI logs
 
 import ray  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
 
-from converter import sources  # noqa: E402
-from converter.convert import partial_dir  # noqa: E402
-from converter.errors import BadInputError  # noqa: E402
-from converter.manifest import Manifest, load_manifest  # noqa: E402
+from converter import publish, sources  # noqa: E402
+from converter.errors import (EXIT_SIGINT, BadInputError, Interrupted, OutputLockedError,  # noqa: E402
+                              interrupts_deferred, signals_ignored, sigterm_interrupts)
+from converter.manifest import RUN_LOCK, Manifest, load_manifest  # noqa: E402
 from converter.options import MergeJob  # noqa: E402
+from converter.quantize import variant_dir  # noqa: E402
+from jobs.report import Ledger, RunReport  # noqa: E402
+from jobs.tasks import JobRecord  # noqa: E402
 
 MAX_RETRIES = 2  # attempts after a worker dies (killed, OOM)
 RUNTIME_BYTES = 1 << 30  # python + torch + transformers in a worker
 GROUP_SIZE = 8  # adapters merged in one pass over their base, at most
 CHUNK_BUFFER_BYTES = 64 << 20  # a few row chunks in flight per extra adapter of a pass
 FAULT_ENV = "CONVERTER_TEST_FAULT"  # test-only: "kill:<job id>:<marker file>"
+CANCEL_GRACE_S = 20.0  # after an interrupt: how long cancelled jobs get to clean up after themselves
+LOCK_WAIT_S = 10.0  # after an interrupt: how long to wait for a job's lock before removing what it left
 
 
 class RunLockedError(BadInputError):
@@ -47,11 +55,11 @@ class RunLockedError(BadInputError):
 
 
 @ray.remote(max_retries=MAX_RETRIES)
-def convert_task(jobs_data: list[dict], fault: str | None) -> list[dict]:
-    """One task per group of jobs that share a base: one merge pass for all of them."""
+def convert_task(jobs_data: list[dict], fault: str | None):
+    """One task per group of jobs that share a base: one merge pass, a record per job as it finishes."""
     from jobs.tasks import run_group
 
-    return run_group(jobs_data, fault, ray.get_runtime_context().get_node_id())
+    yield from run_group(jobs_data, fault, ray.get_runtime_context().get_node_id())
 
 
 def group_jobs(jobs: list[MergeJob], group_size: int) -> list[list[MergeJob]]:
@@ -74,7 +82,7 @@ def group_jobs(jobs: list[MergeJob], group_size: int) -> list[list[MergeJob]]:
 def output_lock(root: Path):
     """One run at a time per output root; a second one is refused clearly (the lock dies with its process)."""
     root.mkdir(parents=True, exist_ok=True)
-    path = root / ".converter-run.lock"
+    path = root / RUN_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,25 +142,22 @@ def start_ray(address: str | None) -> bool:
     return True
 
 
-def _ledger(root: Path) -> Path:
-    runs = root / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    return runs / f"{dt.datetime.now().strftime('%Y%m%dT%H%M%S.%f')}.jsonl"
-
-
-def _clean_partials(manifest: Manifest, console: Console) -> None:
-    for job in manifest.jobs:
-        partial = partial_dir(job.output)
-        if partial.exists():
-            console.print(f"[yellow]removing leftover {partial} (an earlier run did not finish it)")
-            shutil.rmtree(partial)
-
-
 def _cluster_limits() -> tuple[bool, float | None]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     has_gpu = any(n["Resources"].get("GPU", 0) > 0 for n in nodes)
     max_mem = max((n["Resources"].get("memory", 0) for n in nodes), default=0) or None
     return has_gpu, max_mem
+
+
+@dataclass
+class _Task:
+    """A submitted group and the jobs of it that have not reported yet."""
+
+    group: list[MergeJob]
+    pending: dict[str, MergeJob] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.pending = {job.id: job for job in self.group}
 
 
 def _submit(group: list[MergeJob], has_gpu: bool, max_mem, fault: str | None):
@@ -166,96 +171,140 @@ def _submit(group: list[MergeJob], has_gpu: bool, max_mem, fault: str | None):
 
 
 def run_manifest(path: str | Path, ray_address: str | None = None, max_concurrent: int | None = None,
-                 force: bool = False, console: Console | None = None, group_size: int = GROUP_SIZE) -> int:
-    """Run every job of a manifest; 0 when all succeeded or were already done, 1 when any failed."""
-    console = console or Console(width=None if sys.stdout.isatty() else 150)
+                 force: bool = False, group_size: int = GROUP_SIZE) -> int:
+    """Run every job of a manifest; 0 when all succeeded or were already done, 1 when any failed,
+    130 / 143 when interrupted by SIGINT / SIGTERM."""
     manifest = load_manifest(path)  # every problem at once, before anything runs
     jobs = [j.model_copy(update={"force": True}) if force else j for j in manifest.jobs]
     with output_lock(manifest.output_root):
-        _clean_partials(manifest, console)
         started_here = start_ray(ray_address)
+        run = _Run(jobs, manifest, max_concurrent, group_size)
+        interrupted = None
         try:
-            return _run(jobs, manifest, max_concurrent, console, group_size)
-        finally:
-            if started_here:
-                ray.shutdown()
+            with sigterm_interrupts(), run.report:  # after ray.init, whose own SIGTERM handler exits 1
+                run.execute()
+        except (KeyboardInterrupt, Interrupted) as exc:
+            interrupted = exc if isinstance(exc, Interrupted) else Interrupted(EXIT_SIGINT)
+        with signals_ignored():  # the clean-up below is bounded
+            try:
+                if interrupted is not None:
+                    run.cancel()
+            finally:
+                if started_here:
+                    ray.shutdown()
+            if interrupted is not None:
+                run.clean_up_unfinished()
+            run.report.summary(run.ledger.path, interrupted=str(interrupted) if interrupted else None)
+            run.ledger.close()
+        if interrupted is not None:
+            return interrupted.exit_code
+        return 1 if run.report.counts()["failed"] else 0
 
 
-def _run(jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, console: Console,
-         group_size: int = GROUP_SIZE) -> int:
-    has_gpu, max_mem = _cluster_limits()
-    fault = os.environ.get(FAULT_ENV)
-    ledger_path = _ledger(manifest.output_root)
-    queue, running, results = group_jobs(jobs, group_size), {}, []
-    limit = max_concurrent or len(queue)
-    counts = {"succeeded": 0, "skipped": 0, "failed": 0}
-    t0 = time.perf_counter()
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with open(ledger_path, "a") as ledger, Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("converting", total=len(jobs), status="")
-        while queue or running:
-            while queue and len(running) < limit:
-                group = queue.pop(0)
-                running[_submit(group, has_gpu, max_mem, fault)] = group
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in done:
-                group = running.pop(ref)
-                for job, result in zip(group, _results(ref, group)):
-                    results.append(result)
-                    counts[result["status"]] = counts.get(result["status"], 0) + 1
-                    ledger.write(json.dumps({**result, "finished_at": dt.datetime.now().isoformat()}) + "\n")
-                    ledger.flush()
-                    progress.advance(bar)
-                    if result["status"] == "failed":
-                        progress.console.print(f"[red]failed[/] {job.id}: {result['error']}")
-            elapsed = time.perf_counter() - t0
-            finished = sum(counts.values())
-            rate = f"{finished / elapsed * 60:.1f} jobs/min" if finished else ""
-            progress.update(bar, status=f"ok {counts['succeeded']} skipped {counts['skipped']} "
-                                        f"failed {counts['failed']} running {len(running)} {rate}")
-    _summary(console, results, ledger_path, time.perf_counter() - t0)
-    return 1 if counts["failed"] else 0
+class _Run:
+    """One pass over a manifest's jobs: submit groups, record each job as it finishes."""
 
+    def __init__(self, jobs: list[MergeJob], manifest: Manifest, max_concurrent: int | None, group_size: int):
+        self.jobs = jobs
+        self.queue = group_jobs(jobs, group_size)
+        self.limit = max_concurrent or len(self.queue)
+        self.running: dict = {}  # ObjectRefGenerator -> _Task
+        self.recorded: set[str] = set()
+        self.ledger = Ledger(manifest.output_root)
+        self.report = RunReport(manifest.output_root, len(jobs))
+        self.started_at = time.time()
 
-def _results(ref, group: list[MergeJob]) -> list[dict]:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:  # the task itself raised (a bug): every job of it failed
-        error = f"the task failed: {str(exc).strip().splitlines()[-1][:500]}"
-        error_type = type(exc).__name__
-    except ray.exceptions.RayError as exc:  # retries used up: the worker kept dying
-        error = f"the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); check the node's memory and logs"
-        error_type = type(exc).__name__
-    return [{"job_id": job.id, "output": str(job.output), "status": "failed", "exit_code": 1, "error": error,
-             "error_type": error_type} for job in group]
+    def execute(self) -> None:
+        has_gpu, max_mem = _cluster_limits()
+        fault = os.environ.get(FAULT_ENV)
+        while self.queue or self.running:
+            while self.queue and len(self.running) < self.limit:
+                group = self.queue.pop(0)
+                self.running[_submit(group, has_gpu, max_mem, fault)] = _Task(group)
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=1.0)
+            for gen in ready:
+                self._collect(gen)
 
+    def _collect(self, gen) -> None:
+        """The next record of a task (or, when it failed as a whole, a failed record for each job it still owed)."""
+        task = self.running[gen]
+        try:
+            ref = next(gen)
+        except StopIteration:
+            del self.running[gen]
+            for job in list(task.pending.values()):  # a task that ended owing records: never expected
+                self._record(task, JobRecord.failed(job, "the task ended without reporting this job", "Lost"))
+            return
+        try:
+            self._record(task, ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:  # the task itself raised (a bug): its remaining jobs failed
+            self._fail_pending(gen, f"the task failed: {str(exc).strip().splitlines()[-1][:500]}", type(exc).__name__)
+        except ray.exceptions.RayError as exc:  # retries used up: the worker kept dying
+            self._fail_pending(gen, f"the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); check the "
+                               "node's memory and logs", type(exc).__name__)
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    def _fail_pending(self, gen, error: str, error_type: str) -> None:
+        task = self.running.pop(gen)
+        for job in list(task.pending.values()):
+            self._record(task, JobRecord.failed(job, error, error_type))
 
+    def _record(self, task: _Task | None, record: JobRecord) -> None:
+        if task is not None:
+            task.pending.pop(record.job_id, None)
+        if record.job_id in self.recorded:
+            return
+        with interrupts_deferred():  # the ledger line and the progress line, both or neither
+            self.recorded.add(record.job_id)
+            self.ledger.write(record)
+            self.report.finished(record, len(self.running))
 
-def _variants(variants) -> str:
-    return ", ".join(f"{q['method']} (KL {_fmt(q.get('kl'), '.2g')}, size {_fmt(q.get('size_ratio'), '.2f')}x)"
-                     for q in variants or []) or "-"
+    def cancel(self) -> None:
+        """Cancel what runs (a KeyboardInterrupt in each task, so its jobs remove their own staging), keep the
+        records that still arrive, and stop the tasks that do not end in time."""
+        for gen in self.running:
+            ray.cancel(gen, force=False)
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while self.running and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=0.5)
+            for gen in ready:
+                task = self.running[gen]
+                try:
+                    record = ray.get(next(gen))
+                except StopIteration:
+                    del self.running[gen]
+                    continue
+                except ray.exceptions.RayError:  # the cancellation itself, or a death: nothing more from it
+                    del self.running[gen]
+                    continue
+                self._record(task, record)
+        for gen in self.running:
+            ray.cancel(gen, force=True)
 
+    def clean_up_unfinished(self) -> None:
+        """After an interrupt: a job published before it could report is recorded from its receipt; what any
+        other job left behind (staging, a half-replaced output) is removed under that job's lock."""
+        for job in self.jobs:
+            if job.id in self.recorded:
+                continue
+            receipt = publish.read_receipt(job.output)
+            mtime = (job.output / publish.RECEIPT).stat().st_mtime if receipt else 0.0
+            if receipt is not None and receipt.get("status") == "succeeded" and mtime >= self.started_at:
+                self._record(None, JobRecord.from_receipt(job, receipt))
+                continue
+            for path in [job.output] + [variant_dir(job.output, spec) for spec in job.quantize]:
+                self._remove_leftovers(path)
 
-def _short(output: str, root: Path) -> str:
-    path = Path(output)
-    return str(path.relative_to(root)) if root in path.parents else output
-
-
-def _summary(console: Console, results: list[dict], ledger_path: Path, wall: float) -> None:
-    root = ledger_path.parent.parent
-    table = Table(title=f"converter run: {len(results)} jobs in {wall:.1f}s")
-    for col in ("job", "status", "verify", "max |Δ|", "KL", "top-1", "variants", "time s", "output / reason"):
-        table.add_column(col)
-    for r in sorted(results, key=lambda r: r["job_id"]):
-        v = r.get("verification") or {}
-        style = {"failed": "red", "skipped": "dim"}.get(r["status"], "green")
-        table.add_row(r["job_id"], f"[{style}]{r['status']}", v.get("level") or "-", _fmt(v.get("max_abs_diff"), ".3g"),
-                      _fmt(v.get("kl"), ".2g"), _fmt(v.get("top1"), ".3f"), _variants(v.get("variants")),
-                      _fmt(r.get("seconds"), ".1f"),
-                      _short(r["output"], root) if r["status"] != "failed" else (r.get("error") or "")[:200])
-    console.print(table)
-    console.print(f"ledger: {ledger_path}")
+    def _remove_leftovers(self, out: Path) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                with publish.output_lock(out):
+                    for path in publish.remove_leftovers(out):
+                        self.report.say(f"removed unfinished {path}")
+                return
+            except OutputLockedError:
+                if time.monotonic() >= deadline:
+                    self.report.say(f"left {publish.partial_dir(out)}: its job still holds the lock; a re-run "
+                                    "removes it")
+                    return
+                time.sleep(0.2)

@@ -1,4 +1,5 @@
-"""What one Ray task does: convert one job, with its own I/O, and return a small result."""
+"""What one Ray task does: convert a group of jobs with its own I/O, and report each job's small
+record as soon as that job is done."""
 
 from __future__ import annotations
 
@@ -7,11 +8,97 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from converter.convert import convert_many, partial_dir
+from converter.convert import JobResult, iter_convert
 from converter.errors import ConverterError
 from converter.options import MergeJob
+from converter.publish import partial_dir
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The verification and quantization figures of a job, as the summary and the ledger show them."""
+
+    level: str | None = None
+    max_abs_diff: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+    modules_max_rel_err: float | None = None
+    note: str | None = None
+    variants: tuple[dict, ...] = ()
+
+    @classmethod
+    def from_receipt(cls, receipt: dict | None) -> "Figures":
+        if not receipt:
+            return cls()
+        v = receipt.get("verification") or {}
+        full = v.get("full") or {}
+        modules = v.get("modules") or {}
+        variants = tuple({"method": q.get("method"), "path": q.get("path"), "kl": (q.get("figures") or {}).get("kl"),
+                          "top1": (q.get("figures") or {}).get("top1"), "size_ratio": q.get("size_ratio")}
+                         for q in receipt.get("quantization") or [])
+        return cls(v.get("level"), full.get("max_abs_diff"), full.get("kl"), full.get("top1"),
+                   modules.get("max_rel_err"), v.get("note"), variants)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job's line in the run ledger, and what the driver shows of it."""
+
+    job_id: str
+    output: str
+    status: str  # "succeeded" | "skipped" | "failed"
+    seconds: float  # this job's own time (its share of a pass shared with other jobs)
+    exit_code: int = 0
+    error: str | None = None
+    error_type: str | None = None
+    traceback: str | None = None
+    fingerprint: str | None = None
+    verification: Figures = field(default_factory=Figures)
+    warnings: tuple[str, ...] = ()
+    node_id: str | None = None
+    pid: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def failed(cls, job: MergeJob, error: str, error_type: str, seconds: float = 0.0) -> "JobRecord":
+        return cls(job.id, str(job.output), "failed", seconds, exit_code=1, error=error, error_type=error_type)
+
+    @classmethod
+    def from_receipt(cls, job: MergeJob, receipt: dict) -> "JobRecord":
+        """A job whose output was published although its own record never arrived (an interrupted run)."""
+        return cls(job.id, str(job.output), "succeeded", (receipt.get("timings") or {}).get("total_s", 0.0),
+                   fingerprint=receipt.get("fingerprint"), verification=Figures.from_receipt(receipt),
+                   warnings=tuple(receipt.get("warnings") or ()))
+
+
+def run_group(jobs_data: list[dict], fault: str | None = None, node_id: str | None = None) -> Iterator[JobRecord]:
+    """Convert jobs that share a base in one pass (``iter_convert``), yielding each job's record as it
+    finishes. Never raises for the jobs' own failures (those are not retried)."""
+    jobs = [MergeJob(**d) for d in jobs_data]
+    for job in jobs:
+        _arm_fault(job, fault)
+    for done in iter_convert(jobs):
+        yield _record(jobs[done.index], done.result, done.seconds, node_id)
+
+
+def _record(job: MergeJob, outcome: JobResult | Exception, seconds: float, node_id: str | None) -> JobRecord:
+    where = {"node_id": node_id, "pid": os.getpid()}
+    if isinstance(outcome, ConverterError):
+        return JobRecord(job.id, str(job.output), "failed", seconds, exit_code=outcome.exit_code, error=str(outcome),
+                         error_type=type(outcome).__name__, **where)
+    if isinstance(outcome, Exception):  # an unexpected bug fails this job, not the run
+        return JobRecord(job.id, str(job.output), "failed", seconds, exit_code=1,
+                         error=f"{type(outcome).__name__}: {outcome}", error_type=type(outcome).__name__,
+                         traceback="".join(traceback.format_exception(outcome, limit=8)), **where)
+    receipt = outcome.receipt or {}
+    return JobRecord(job.id, str(job.output), outcome.status, seconds, fingerprint=receipt.get("fingerprint"),
+                     verification=Figures.from_receipt(receipt), warnings=tuple(outcome.warnings), **where)
 
 
 def _arm_fault(job: MergeJob, fault: str | None) -> None:
@@ -33,48 +120,3 @@ def _arm_fault(job: MergeJob, fault: str | None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=_kill_when_started, daemon=True).start()
-
-
-def summarize(result_receipt: dict | None) -> dict:
-    if not result_receipt:
-        return {}
-    v = result_receipt.get("verification") or {}
-    full = v.get("full") or {}
-    modules = v.get("modules") or {}
-    variants = [{"method": q.get("method"), "path": q.get("path"), "kl": (q.get("figures") or {}).get("kl"),
-                 "top1": (q.get("figures") or {}).get("top1"), "size_ratio": q.get("size_ratio")}
-                for q in result_receipt.get("quantization") or []]
-    return {"level": v.get("level"), "max_abs_diff": full.get("max_abs_diff"), "kl": full.get("kl"),
-            "top1": full.get("top1"), "modules_max_rel_err": modules.get("max_rel_err"), "note": v.get("note"),
-            "variants": variants}
-
-
-def run_group(jobs_data: list[dict], fault: str | None = None, node_id: str | None = None) -> list[dict]:
-    """Convert jobs that share a base in one pass (``convert_many``); one small result per job.
-    Never raises for the jobs' own failures (those are not retried)."""
-    jobs = [MergeJob(**d) for d in jobs_data]
-    for job in jobs:
-        _arm_fault(job, fault)
-    started = time.time()
-    outcomes = convert_many(jobs)
-    seconds = round(time.time() - started, 3)
-    return [_result(job, outcome, node_id, seconds) for job, outcome in zip(jobs, outcomes)]
-
-
-def run_one(job_data: dict, fault: str | None = None, node_id: str | None = None) -> dict:
-    return run_group([job_data], fault, node_id)[0]
-
-
-def _result(job: MergeJob, outcome, node_id: str | None, seconds: float) -> dict:
-    base = {"job_id": job.id, "output": str(job.output), "node_id": node_id, "pid": os.getpid(), "seconds": seconds}
-    if isinstance(outcome, ConverterError):
-        return {**base, "status": "failed", "exit_code": outcome.exit_code, "error": str(outcome),
-                "error_type": type(outcome).__name__}
-    if isinstance(outcome, Exception):  # an unexpected bug fails this job, not the run
-        return {**base, "status": "failed", "exit_code": 1, "error": f"{type(outcome).__name__}: {outcome}",
-                "error_type": type(outcome).__name__,
-                "traceback": "".join(traceback.format_exception(outcome, limit=8))}
-    receipt = outcome.receipt or {}
-    return {**base, "status": outcome.status, "exit_code": 0, "error": None,
-            "fingerprint": receipt.get("fingerprint"), "verification": summarize(receipt),
-            "warnings": outcome.warnings, "convert_seconds": (receipt.get("timings") or {}).get("total_s")}

@@ -100,3 +100,22 @@ def test_unmerged_and_merged_logits_agree_on_cli_output(pair, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     ids = probe_ids(128)
     torch.testing.assert_close(forward_logits(merged, ids), forward_logits(unmerged, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_every_option_has_help_and_help_lists_exit_codes(capsys):
+    import click
+
+    from converter.cli import cli
+
+    missing = [f"{name} {p.opts[0]}" for name, cmd in cli.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.help]
+    assert not missing, f"options without help text: {missing}"
+    for args in (["--help"], *([name, "--help"] for name in cli.commands)):
+        assert run_converter(*args) == 0
+        out = capsys.readouterr().out
+        for code in ("0 ", "1 ", "2 ", "130", "143"):
+            assert f"  {code}" in out, (args, code, out)
+    assert run_converter("--version") == 0
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"converter {version('converter')}"

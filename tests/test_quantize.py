@@ -276,8 +276,13 @@ def test_existing_variant_from_elsewhere_is_not_replaced(tmp_path, capsys):
     assert _merge(d, "--quantize", "bnb-nf4") == 2
     assert "quantized variant" in capsys.readouterr().err
     assert not (d / "out").exists() and (d / "out-bnb-nf4" / "keep.txt").is_file()
-    assert _merge(d, "--quantize", "bnb-nf4", "--force") == 0
-    assert not (d / "out-bnb-nf4" / "keep.txt").exists() and receipt(d / "out-bnb-nf4")["status"] == "succeeded"
+    # not an output of converter: --force does not replace it either
+    assert _merge(d, "--quantize", "bnb-nf4", "--force") == 2
+    assert "not an output of converter" in capsys.readouterr().err
+    assert not (d / "out").exists() and (d / "out-bnb-nf4" / "keep.txt").read_text() == "someone else's"
+    (d / "out-bnb-nf4" / "keep.txt").unlink()  # an empty directory is replaced
+    assert _merge(d, "--quantize", "bnb-nf4") == 0
+    assert receipt(d / "out-bnb-nf4")["status"] == "succeeded"
 
 
 # -- bad input: a clear error (exit 2) before any work ------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_six_jobs_equal_single_merges(cluster, inputs, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "m.yaml", inputs, FEATURES)
     assert run_converter("run", manifest) == 0
     out = capsys.readouterr().out
-    assert "converter run: 6 jobs" in out and "ledger:" in out
+    assert "converter run: 6 of 6 jobs" in out and "ledger:" in out
     for name in FEATURES:  # the same pair through `converter merge`
         assert run_converter("merge", "--base", inputs / "base", "--adapter", inputs / name, "--output",
                              tmp_path / "single" / name, "--verify", "modules") == 0
@@ -211,3 +211,95 @@ def test_example_manifests_are_well_formed(name):
     JobOptions(**doc.get("defaults", {}))
     ids = [JobSpec(**job).id for job in doc["jobs"]]
     assert len(ids) == len(set(ids)) >= 2
+
+
+def start_run(manifest: Path, *extra: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "converter", "run", str(manifest), *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def published(out: Path, names) -> set[str]:
+    return {n for n in names if (out / n / "conversion.json").exists()}
+
+
+@pytest.mark.parametrize("sig, code, own_ray", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["SIGINT-own-ray", "SIGTERM-cluster"])
+def test_interrupted_run_keeps_finished_jobs_only(cluster, inputs, tmp_path, sig, code, own_ray):
+    names = list(FEATURES)
+    manifest = write_manifest(tmp_path / "m.yaml", inputs, names)
+    out = tmp_path / "out"
+    extra = ["--max-concurrent", "1", "--group-size", "1"] + ([] if own_ray else ["--ray-address", cluster])
+    proc = start_run(manifest, *extra)
+    wait_for(lambda: len(published(out, names)) >= 2, proc)
+    proc.send_signal(sig)  # only the driver: Ray's own processes ignore a terminal's Ctrl-C
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert f"interrupted ({sig.name})" in stdout and "Traceback" not in stderr
+    done = published(out, names)
+    assert 2 <= len(done) < len(names), "the run was not interrupted mid-way"
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.partial.old")) and not list(out.glob(".*-lock"))
+    records = ledger(out)
+    assert {r["job_id"] for r in records} == done  # every finished job, and only those
+    assert all(r["status"] == "succeeded" and r["seconds"] > 0 for r in records), records
+    assert all(f"{n}: succeeded" in stdout for n in done), stdout
+
+    rerun = subprocess.run([sys.executable, "-m", "converter", "run", str(manifest), "--ray-address", cluster],
+                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    statuses = {r["job_id"]: r["status"] for r in ledger(out)}
+    assert statuses == {n: "skipped" if n in done else "succeeded" for n in names}
+
+
+def test_ledger_gets_each_job_of_a_group_as_it_finishes(cluster, inputs, tmp_path):
+    """One task for six jobs: records reach the ledger while the task still runs."""
+    names = list(FEATURES)
+    manifest = write_manifest(tmp_path / "m.yaml", inputs, names, verify="full")  # ~0.5 s a job
+    out = tmp_path / "out"
+    proc = start_run(manifest, "--ray-address", cluster, "--group-size", "8", stdout=subprocess.DEVNULL)
+
+    def two_records():
+        files = list((out / "runs").glob("*.jsonl")) if (out / "runs").is_dir() else []
+        return bool(files) and len(files[0].read_text().splitlines()) >= 2
+
+    wait_for(two_records, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # no clean-up at all: what is in the ledger was written as it happened
+    proc.wait()
+    records = ledger(out)
+    assert len(records) >= 2 and len({r["seconds"] for r in records}) == len(records)  # each job's own time
+    assert {r["job_id"] for r in records} <= published(out, names)
+    assert len(published(out, names)) < len(names) or len(records) < len(names), "the group was already done"
+
+
+def test_progress_lines_in_a_log_file(cluster, inputs, tmp_path):
+    """stdout to a file (CI, Ray Job logs): a plain line per job as it finishes, then the summary."""
+    names = ["plain", "rslora", "dora"]
+    manifest = write_manifest(tmp_path / "m.yaml", inputs, names)
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = start_run(manifest, "--ray-address", cluster, "--group-size", "1", stdout=f)
+        first_line_at_job = None
+        while proc.poll() is None:
+            if first_line_at_job is None and "[1/3]" in log.read_text():
+                first_line_at_job = len(published(tmp_path / "out", names))
+            time.sleep(0.02)
+    text = log.read_text()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert first_line_at_job is not None and first_line_at_job < len(names), "nothing was printed before the end"
+    assert "\x1b[" not in text and "\x1b[" not in proc.stderr.read()
+    lines = text.splitlines()
+    summary_at = next(i for i, line in enumerate(lines) if line.startswith("converter run: 3 of 3 jobs"))
+    job_lines = [i for i, line in enumerate(lines) if line.startswith("[") and "succeeded in" in line]
+    assert len(job_lines) == 3 and max(job_lines) < summary_at
+    assert all("jobs/min, ETA" in lines[i] and "max rel err" in lines[i] for i in job_lines)
+    assert f"outputs in {tmp_path / 'out'}" in text
+    for name in names:  # the summary names every job in full, with its own time
+        assert any(line.startswith(name + " ") and "succeeded" in line for line in lines[summary_at:])
