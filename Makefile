@@ -1,4 +1,4 @@
-# converter: make demo | make test | make bench | make setup
+# converter: make demo | make test | make lint | make bench | make setup
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 # On a machine without an NVIDIA GPU, pin the CPU build of torch so no CUDA wheels are pulled.
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: setup demo convert test bench clean
+.PHONY: setup demo convert test lint bench clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ convert: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ruff (pyflakes, pycodestyle, import order, docstrings of converter/'s public functions) and the layout rules
+lint: setup
+	$(PY) -m ruff check converter jobs tests bench scripts
+	$(PY) -m pytest -q tests/test_layout.py
 
 bench: setup
 	$(PY) bench/bench.py $(BENCH_ARGS)

@@ -371,7 +371,8 @@ def table_rows(methods, summ):
                      _fmt(s["rss_vs_peft"], ".2f"),
                      f"n={s['n']}" + (f" {s['adapters']} adapters, {s['adapters_per_min']:.1f}/min"
                                       if s.get("adapters") else "")
-                     + (f", {s['speedup_vs_separate']:.2f}x faster than separate" if s.get("speedup_vs_separate") else "")
+                     + (f", {s['speedup_vs_separate']:.2f}x faster than separate"
+                        if s.get("speedup_vs_separate") else "")
                      + (f" src {s['converter_src'][0][:8]}" if s.get("converter_src") else "")
                      + (" (MIXED SOURCE)" if s.get("warning") else "")])
     return rows

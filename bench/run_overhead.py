@@ -31,9 +31,9 @@ def main() -> int:
 
     import ray
     import yaml
+    from factories import build, make_adapter, save_base, tiny_llama_config
     from peft import LoraConfig
 
-    from factories import build, make_adapter, save_base, tiny_llama_config
     from jobs.driver import run_manifest
 
     work = Path(tempfile.mkdtemp(prefix="converter-overhead-"))
@@ -62,7 +62,8 @@ def main() -> int:
     finally:
         ray.shutdown()
     print(f"\n{args.jobs} tiny jobs, {args.max_concurrent} at a time, local Ray on 127.0.0.1")
-    print(f"{'round':6} {'wall s':>8} {'s/job/slot':>11} {'convert s (median)':>19} {'overhead s/job':>15} {'worker pids':>12}")
+    print(f"{'round':6} {'wall s':>8} {'s/job/slot':>11} {'convert s (median)':>19} {'overhead s/job':>15} "
+          f"{'worker pids':>12}")
     for round_, wall, per_job, inside, pids in rows:
         print(f"{round_:6} {wall:8.2f} {per_job:11.3f} {inside:19.3f} {per_job - inside:15.3f} {pids:12d}")
     return 0

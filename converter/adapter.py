@@ -52,15 +52,19 @@ class Adapter:
 
     @property
     def peft_type(self) -> str:
+        """PEFT's adapter type, upper case (``LORA``, ``LOHA``...)."""
         return str(self.config.get("peft_type", "")).upper()
 
     def keys(self) -> list[str]:
+        """The names of the adapter's tensors."""
         return list(self._specs)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (nothing read)."""
         return self._specs[key][1]
 
     def get(self, key: str) -> torch.Tensor:
+        """A tensor of the adapter (the file is read on first use)."""
         if self._tensors is None:
             from safetensors.torch import load_file
 
@@ -68,6 +72,7 @@ class Adapter:
         return self._tensors[key]
 
     def files(self) -> list[Path]:
+        """Every file of the adapter directory, sorted."""
         return sorted(p for p in self.directory.iterdir() if p.is_file())
 
 
@@ -84,13 +89,16 @@ def _checkpoints_hint(directory: Path) -> str | None:
 
 
 def looks_like_adapter(directory: Path) -> bool:
+    """Whether the directory holds an adapter_config.json."""
     return (directory / ADAPTER_CONFIG).is_file()
 
 
 def looks_like_model(directory: Path) -> bool:
+    """Whether the directory holds a config.json and model weights."""
     from converter.checkpoint import WEIGHT_INDEXES, WEIGHT_SINGLES
 
-    return (directory / "config.json").is_file() and any((directory / n).is_file() for n in WEIGHT_INDEXES + WEIGHT_SINGLES)
+    weights = any((directory / n).is_file() for n in WEIGHT_INDEXES + WEIGHT_SINGLES)
+    return (directory / "config.json").is_file() and weights
 
 
 def load_adapter(directory: Path) -> Adapter:
@@ -105,7 +113,8 @@ def load_adapter(directory: Path) -> Adapter:
             raise BadInputError(hint)
         if looks_like_model(directory):
             raise BadInputError(f"{directory} is a full model (config.json and weights), not an adapter",
-                                hint="pass it as --base, and the adapter directory (with adapter_config.json) as --adapter")
+                                hint="pass it as --base, and the adapter directory (with adapter_config.json) as "
+                                     "--adapter")
         raise BadInputError(f"{directory} has no {ADAPTER_CONFIG}",
                             hint="point --adapter at the directory PEFT's save_pretrained wrote")
     config = read_json_object(config_path, "adapter config", "restore the adapter_config.json PEFT wrote")
@@ -212,6 +221,7 @@ def check_finite(adapter: Adapter) -> list[str]:
 
 
 def strip_prefix(key: str) -> str:
+    """The key without PEFT's ``base_model.model.`` prefix."""
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 

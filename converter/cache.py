@@ -18,6 +18,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from converter.publish import fingerprint
@@ -25,6 +28,7 @@ from converter.publish import sha256_file as hash_file
 
 
 def cache_dir() -> Path | None:
+    """The cache's root, or None when ``CONVERTER_CACHE_DIR=off``."""
     value = os.environ.get("CONVERTER_CACHE_DIR")
     if value == "off":
         return None
@@ -35,6 +39,7 @@ def cache_dir() -> Path | None:
 
 
 def load(kind: str, key: str) -> dict | None:
+    """A cached entry, or None when there is none (or it is unreadable)."""
     root = cache_dir()
     if root is None:
         return None
@@ -45,6 +50,7 @@ def load(kind: str, key: str) -> dict | None:
 
 
 def store(kind: str, key: str, value: dict) -> None:
+    """Write an entry atomically; a cache that cannot be written is skipped."""
     root = cache_dir()
     if root is None:
         return
@@ -70,3 +76,14 @@ def sha256_file(path: Path) -> str:
     digest = hash_file(path)
     store("sha256", key, {"path": str(path), "sha256": digest})
     return digest
+
+
+@contextmanager
+def hashing(paths: list[Path]) -> Iterator[dict[str, Future]]:
+    """The sha256 of each file (``sha256_file``), computed in background threads while the block runs
+    (hashlib releases the GIL: files hash in parallel); by file name."""
+    pool = ThreadPoolExecutor(max(1, min(4, len(paths))))
+    try:
+        yield {p.name: pool.submit(sha256_file, p) for p in paths}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

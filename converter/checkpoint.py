@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         n = 1
         for d in self.shape:
             n *= d
@@ -56,6 +58,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return self.numel * dtype_size(self.dtype)
 
 
@@ -73,6 +76,7 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
 
 
 def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element of ``dtype``."""
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -113,6 +117,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def safetensors_specs(path: Path) -> list[TensorSpec]:
+    """The tensors of a safetensors file (name, dtype, shape, byte range), in file order."""
     header, data_start = read_safetensors_header(path)
     specs = []
     for name, info in header.items():
@@ -120,13 +125,15 @@ def safetensors_specs(path: Path) -> list[TensorSpec]:
             continue
         begin, end = info["data_offsets"]
         specs.append(
-            TensorSpec(name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), path, data_start + begin, data_start + end)
+            TensorSpec(name, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), path, data_start + begin,
+                       data_start + end)
         )
     specs.sort(key=lambda s: s.start)
     return specs
 
 
 def read_range(spec: TensorSpec) -> torch.Tensor:
+    """A fresh CPU tensor with the bytes of ``spec`` (positional reads, no mmap)."""
     out = torch.empty(spec.shape, dtype=spec.dtype)
     if spec.end != spec.start:
         read_into(spec, spec.start, out.reshape(-1).view(torch.uint8))
@@ -148,13 +155,8 @@ def read_into(spec: TensorSpec, offset: int, buf: torch.Tensor) -> None:
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors: a pickle that would run code is refused."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # files in torch's zip format are mapped, not read; the legacy format cannot be
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
         raise BadInputError(
             f"{path}: refused to load: it is not a plain tensor file that torch.load(weights_only=True) accepts "
@@ -218,10 +220,6 @@ class Checkpoint:
         ckpt._bins = {}
         return ckpt
 
-    @property
-    def is_safetensors(self) -> bool:
-        return all(p.suffix == ".safetensors" for p in self.files)
-
     def __contains__(self, name: str) -> bool:
         return name in self.specs
 
@@ -237,10 +235,9 @@ class Checkpoint:
         return 4 * sum(s.numel for s in self.specs.values())
 
     def close(self) -> None:
+        """Drop the tensors of .bin files held in memory."""
         self._bins.clear()
 
-    def total_bytes(self) -> int:
-        return sum(os.path.getsize(p) for p in self.files)
 
 
 # Tensor names that only quantized checkpoints hold, and the format they belong to.

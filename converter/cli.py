@@ -9,8 +9,15 @@ import sys
 
 import click
 
-from converter.errors import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SIGINT, ConverterError, Interrupted,
-                              sigterm_interrupts, write_failure)
+from converter.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_SIGINT,
+    ConverterError,
+    Interrupted,
+    sigterm_interrupts,
+    write_failure,
+)
 
 
 def _setup_logging() -> None:
@@ -81,10 +88,11 @@ def merge(**kw) -> None:
         raise BadInputError([_option_error(e, kw) for e in exc.errors()]) from None
     result = convert(job)
     if result.status == "skipped":
+        fingerprint = result.record.fingerprint[:12] if result.record else "?"
         click.echo(f"{result.output}: already converted with the same inputs and options (fingerprint "
-                   f"{result.receipt['fingerprint'][:12]}); nothing to do")
+                   f"{fingerprint}); nothing to do")
         return
-    _summary(result)
+    _summary(result.output, result.record)
 
 
 def _option_error(e: dict, kw: dict) -> str:
@@ -95,32 +103,32 @@ def _option_error(e: dict, kw: dict) -> str:
     return f"--{str(loc[0]).replace('_', '-')}: {msg}"
 
 
-def _summary(result) -> None:
-    r = result.receipt
-    v = r["verification"]
-    click.echo(f"wrote {result.output}")
-    c = r["counts"]
-    click.echo(f"  engine {r['engine']}, dtype {r['dtype']}: {c['merged']} merged, {c['replaced']} replaced, "
-               f"{c['copied']} copied, {c['added']} added")
-    if v.get("modules"):
-        click.echo(f"  module probes: {v['modules']['checked']} modules, max relative error "
-                   f"{v['modules']['max_rel_err']:.3g} (tolerance {v['modules']['tolerance']:g})")
-    if v.get("full"):
-        f = v["full"]
-        kl = "n/a" if f["kl"] is None else f"{f['kl']:.3g}"
-        top1 = "n/a" if f["top1"] is None else f"{f['top1']:.3f}"
-        click.echo(f"  merged vs unmerged outputs: max |Δ| {f['max_abs_diff']:.3g}, KL {kl}, top-1 agreement {top1}")
-    if v.get("note"):
-        click.echo(f"  note: {v['note']}")
-    for q in r.get("quantization") or []:
-        f = q["figures"]
-        figures = (f"max |Δ| {f['max_abs_diff']:.3g}, KL {f['kl']:.3g}, top-1 agreement {f['top1']:.3f}"
-                   if f and f.get("kl") is not None else f"max |Δ| {f['max_abs_diff']:.3g}" if f else q["note"])
-        click.echo(f"  {q['method']} -> {q['path']} ({q['engine']}, {q['size_ratio']:.2f}× the merged size): {figures}")
-    for w in r["warnings"]:
+def _summary(output, r) -> None:
+    v, c = r.verification, r.counts
+    click.echo(f"wrote {output}")
+    click.echo(f"  engine {r.engine}, dtype {r.dtype}: {c.merged} merged, {c.replaced} replaced, {c.copied} copied, "
+               f"{c.added} added")
+    if v.modules:
+        click.echo(f"  module probes: {v.modules.checked} modules, max relative error {v.modules.max_rel_err:.3g} "
+                   f"(tolerance {v.modules.tolerance:g})")
+    if v.full:
+        click.echo(f"  merged vs unmerged outputs: {_figures(v.full)}")
+    if v.note:
+        click.echo(f"  note: {v.note}")
+    for q in r.quantization:
+        figures = _figures(q.figures, logits_only=True) if q.figures else q.note
+        click.echo(f"  {q.method} -> {q.path} ({q.engine}, {q.size_ratio:.2f}× the merged size): {figures}")
+    for w in r.warnings:
         click.echo(f"  WARNING: {w}", err=True)
-    t = r["timings"]
-    click.echo(f"  {t['total_s']:.2f}s, peak RSS {r['peak_rss_bytes']['merge'] / 2**20:.0f} MiB while merging")
+    click.echo(f"  {r.timings['total_s']:.2f}s, peak RSS {r.peak_rss_bytes['merge'] / 2**20:.0f} MiB while merging")
+
+
+def _figures(f, logits_only: bool = False) -> str:
+    if logits_only and f.kl is None:  # a model without logits: max |Δ| alone
+        return f"max |Δ| {f.max_abs_diff:.3g}"
+    kl = "n/a" if f.kl is None else f"{f.kl:.3g}"
+    top1 = "n/a" if f.top1 is None else f"{f.top1:.3f}"
+    return f"max |Δ| {f.max_abs_diff:.3g}, KL {kl}, top-1 agreement {top1}"
 
 
 @cli.command(epilog=EXIT_CODES)

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -69,6 +70,17 @@ class MergeError(ConverterError):
 
 class VerificationError(ConverterError):
     """The merged model is further from the unmerged one than the tolerance allows."""
+
+
+@dataclass(frozen=True)
+class JobWarning:
+    """Something a job should say but that does not fail it; ``code`` is what code matches on."""
+
+    code: str  # "unchecked-revision" | "all-deltas-zero" | "some-deltas-zero" | "output-unchanged"
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Interrupted(BaseException):

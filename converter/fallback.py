@@ -14,6 +14,7 @@ from converter.errors import UnsupportedAdapterError
 
 
 def peft_merge(job, inputs, partial: Path, device) -> tuple[dict, int | None, bool]:
+    """Merge with PEFT in memory and save into ``partial``; returns (counts, vocab size, untied)."""
     from peft import PeftModel
 
     info = inputs.info

@@ -17,6 +17,7 @@ from pathlib import Path
 from converter import cache, publish, sources
 from converter.errors import OutputExistsError, UnsafeOutputError
 from converter.options import MergeJob
+from converter.quantize import variant_dir
 
 SHOWN_ENTRIES = 5
 
@@ -64,8 +65,6 @@ def _hub_cache() -> Path:
 
 def written_paths(job: MergeJob) -> list[Path]:
     """Every path a job may create, replace or remove."""
-    from converter.quantize import variant_dir
-
     out = job.output
     paths = [out, *publish.staging_paths(out)]
     for spec in job.quantize:
@@ -88,6 +87,7 @@ class PlaceIndex:
                 self.below.setdefault(parent, place)
 
     def conflict(self, path: Path, ignore=lambda place: False) -> tuple[str, Place] | None:
+        """(relation, place) of the first place ``path`` is, lies inside or contains; None if none."""
         w = real(path)
         if w in self.exact and not ignore(self.exact[w]):
             return "is", self.exact[w]
@@ -111,6 +111,7 @@ def overlap_problems(job: MergeJob, index: PlaceIndex, ignore=lambda place: Fals
 
 
 def check_inputs_untouched(job: MergeJob, places: list[Place]) -> None:
+    """Raise UnsafeOutputError when the job's outputs would touch one of ``places``."""
     problems = overlap_problems(job, PlaceIndex(places))
     if problems:
         raise UnsafeOutputError(problems, hint="choose an --output outside every input, cache and reserved path; "
@@ -132,8 +133,6 @@ def manifest_problems(jobs: list[MergeJob], inputs: list[Place], reserved: list[
 
 def foreign_outputs(job: MergeJob) -> list[str]:
     """Existing output or variant directories that no --force may replace (not ours, not empty)."""
-    from converter.quantize import variant_dir
-
     problems = []
     for path in [job.output] + [variant_dir(job.output, spec) for spec in job.quantize]:
         if path.exists():

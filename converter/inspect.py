@@ -10,6 +10,7 @@ from converter.plan import needs_peft_engine, pattern_value, split_key
 
 def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revision: str | None = None,
                     base_revision: str | None = None, cache_dir: str | None = None) -> dict:
+    """What an adapter changes and, given a base, whether it fits: a summary dict (``--json``)."""
     from converter import sources
 
     adapter = load_adapter(sources.resolve(adapter_dir, "adapter", adapter_revision, cache_dir=cache_dir).path)
@@ -81,6 +82,7 @@ def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_re
 
 
 def render(s: dict) -> str:
+    """The summary of ``inspect_adapter`` as text."""
     lines = [f"adapter {s['adapter']}: {s['peft_type']}, {s['tensors']} tensors, engine {s['engine']}"
              + (f" ({s['engine_reason']})" if s["engine_reason"] else "")]
     for k, v in s["options"].items():

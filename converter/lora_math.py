@@ -12,6 +12,7 @@ import torch
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """The weight as (out, in): transposed when stored (in, out), as GPT-2's Conv1D."""
     return weight.T if fan_in_fan_out else weight
 
 
@@ -51,7 +52,8 @@ def add_delta_rounded(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torc
     return weight + delta.to(out_dtype).float()
 
 
-def dora_linear(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+def dora_linear(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+                fan_in_fan_out: bool) -> torch.Tensor:
     """``DoraLinearVariant.merge_unsafe``: m / ||W + dW||_row * (W + dW)."""
     combined = transpose(weight, fan_in_fan_out) + transpose(delta, fan_in_fan_out)
     weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
@@ -72,7 +74,8 @@ def lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> to
     return bias + lora_b_bias * scale
 
 
-def overwrite_rows(weight: torch.Tensor, indices: list[int], rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def overwrite_rows(weight: torch.Tensor, indices: list[int], rows: torch.Tensor,
+                   out_dtype: torch.dtype) -> torch.Tensor:
     """``TrainableTokensLayer.merge``: ``index_copy`` of the trained rows (cast to the base dtype)."""
     index = torch.tensor(indices, dtype=torch.long, device=weight.device)
     return weight.index_copy(0, index, rows.to(out_dtype).float())

@@ -137,7 +137,7 @@ def _errors(exc: ValidationError) -> list[str]:
 
 
 def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
-    """Parse and check a manifest; one BadInputError lists every problem (job id and field)."""
+    """The manifest's jobs, parsed and checked; one BadInputError lists every problem (job id and field)."""
     path = Path(path)
     here = path.resolve().parent
     ray_copy = ray_working_dir_copy(here)
@@ -149,40 +149,8 @@ def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
         defaults = JobOptions()
         problems += [f"defaults.{e}" for e in (_errors(exc) if isinstance(exc, ValidationError) else [str(exc)])]
     output_root = (here / str(header.get("output_root") or ".")).resolve()
-
-    specs: list[tuple[str, JobSpec]] = []
-    for where, raw in raw_jobs:
-        name = raw.get("id", where) if isinstance(raw, dict) else where
-        if not isinstance(raw, dict):
-            problems.append(f"{where}: a job is a mapping, got {type(raw).__name__}")
-            continue
-        try:
-            specs.append((name, JobSpec(**raw)))
-        except ValidationError as exc:
-            problems += [f"job {name}: {e}" for e in _errors(exc)]
-    if not raw_jobs:
-        problems.append("the manifest has no jobs")
-
-    seen_ids: dict[str, int] = {}
-    seen_outputs: dict[Path, str] = {}
-    jobs: list[MergeJob] = []
-    for name, spec in specs:
-        seen_ids[spec.id] = seen_ids.get(spec.id, 0) + 1
-        if seen_ids[spec.id] == 2:
-            problems.append(f"job {spec.id}: duplicate id")
-        out = _output_path(output_root, spec.output)
-        if out is None:
-            problems.append(f"job {spec.id}: output {spec.output!r} escapes output_root {output_root}")
-            continue
-        if out in seen_outputs:
-            problems.append(f"job {spec.id}: output {out} is also written by job {seen_outputs[out]}")
-            continue
-        seen_outputs[out] = spec.id
-        job_problems, job = _to_merge_job(spec, defaults, here, out, ray_copy)
-        problems += [f"job {spec.id}: {p}" for p in job_problems]
-        if job is not None:
-            jobs.append(job)
-
+    specs = _job_specs(raw_jobs, problems)
+    jobs = _merge_jobs(specs, defaults, here, output_root, ray_copy, problems)
     if ray_copy is not None and not Path(str(header.get("output_root") or ".")).is_absolute():
         problems.append(f"output_root {header.get('output_root') or '.'!r} is relative, and this manifest lies in "
                         f"Ray's temporary copy of the working directory ({ray_copy}): outputs would be written "
@@ -198,6 +166,48 @@ def load_manifest(path: str | Path, check_inputs: bool = True) -> Manifest:
     if problems:
         raise BadInputError(problems, hint=f"fix {path} and run `converter validate {path}` again")
     return Manifest(path=path, output_root=output_root, defaults=defaults, jobs=tuple(jobs))
+
+
+def _job_specs(raw_jobs: list[tuple[str, object]], problems: list[str]) -> list[JobSpec]:
+    """The jobs that parse; the others' problems are added to ``problems``."""
+    specs = []
+    for where, raw in raw_jobs:
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: a job is a mapping, got {type(raw).__name__}")
+            continue
+        try:
+            specs.append(JobSpec(**raw))
+        except ValidationError as exc:
+            problems += [f"job {raw.get('id', where)}: {e}" for e in _errors(exc)]
+    if not raw_jobs:
+        problems.append("the manifest has no jobs")
+    return specs
+
+
+def _merge_jobs(specs: list[JobSpec], defaults: JobOptions, here: Path, output_root: Path, ray_copy: Path | None,
+                problems: list[str]) -> list[MergeJob]:
+    """Each spec with the defaults applied and its paths resolved; duplicate ids, shared or escaping outputs
+    and bad values are added to ``problems``."""
+    seen_ids: dict[str, int] = {}
+    seen_outputs: dict[Path, str] = {}
+    jobs: list[MergeJob] = []
+    for spec in specs:
+        seen_ids[spec.id] = seen_ids.get(spec.id, 0) + 1
+        if seen_ids[spec.id] == 2:
+            problems.append(f"job {spec.id}: duplicate id")
+        out = _output_path(output_root, spec.output)
+        if out is None:
+            problems.append(f"job {spec.id}: output {spec.output!r} escapes output_root {output_root}")
+            continue
+        if out in seen_outputs:
+            problems.append(f"job {spec.id}: output {out} is also written by job {seen_outputs[out]}")
+            continue
+        seen_outputs[out] = spec.id
+        job_problems, job = _to_merge_job(spec, defaults, here, out, ray_copy)
+        problems += [f"job {spec.id}: {p}" for p in job_problems]
+        if job is not None:
+            jobs.append(job)
+    return jobs
 
 
 def _output_path(root: Path, output: str) -> Path | None:
@@ -257,7 +267,7 @@ def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path,
 def _inspect_all(jobs: list[MergeJob]) -> tuple[list[str], list[Place]]:
     """The merge engine's own checks on every job (adapter fits base, revisions, files); also the
     directories the sources resolved to (hub snapshots), which no output may touch."""
-    from converter.convert import inspect_job
+    from converter.inputs import inspect_job
 
     problems, resolved = [], []
     for job in jobs:

@@ -21,7 +21,6 @@ from converter import cache
 from converter.checkpoint import read_json_object
 from converter.publish import fingerprint
 
-
 CACHE_SCHEMA = 1
 
 
@@ -42,6 +41,7 @@ class ModelInfo:
 
     @property
     def instantiable(self) -> bool:
+        """Whether transformers can build this model class."""
         return self.cls_path is not None
 
     @property
@@ -59,6 +59,7 @@ class ModelInfo:
         return self._cls
 
     def to_cache(self) -> dict:
+        """The description as a JSON-able dict for converter.cache."""
         return {"schema": CACHE_SCHEMA, "cls_path": self.cls_path, "note": self.note,
                 "base_model_prefix": self.base_model_prefix, "model_to_ckpt": self.model_to_ckpt,
                 "converted": sorted(self.converted), "module_types": self.module_types,
@@ -67,6 +68,7 @@ class ModelInfo:
 
     @classmethod
     def from_cache(cls, config: dict, data: dict) -> "ModelInfo":
+        """A description read back from converter.cache."""
         return cls(config=config, cls_path=data["cls_path"], note=data["note"],
                    base_model_prefix=data["base_model_prefix"], model_to_ckpt=data["model_to_ckpt"],
                    converted=set(data["converted"]), module_types=data["module_types"],
@@ -79,6 +81,7 @@ def _text_config(config: dict) -> dict:
 
 
 def tie_flag(config: dict) -> bool:
+    """Whether the config ties input and output embeddings (transformers' default: yes)."""
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
     text = config.get("text_config") or {}

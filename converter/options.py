@@ -75,6 +75,7 @@ class MergeJob(BaseModel):
 
     @property
     def id(self) -> str:
+        """The job's name: its ``job_id``, else its output directory's name."""
         return self.job_id or self.output.name
 
     def fingerprint_options(self) -> dict:

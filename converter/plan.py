@@ -59,6 +59,7 @@ class TensorPlan:
 
     @property
     def action(self) -> str:
+        """What the output tensor is: merge, replace, add or copy."""
         if self.lora is not None or self.bias_key or self.rows_key:
             return "merge"
         if self.replace_key:
@@ -76,6 +77,7 @@ class MergePlan:
     modules: dict[str, LoraOp] = field(default_factory=dict)
 
     def count(self, action: str) -> int:
+        """How many output tensors have ``action``."""
         return sum(1 for t in self.tensors.values() if t.action == action)
 
 
@@ -103,6 +105,7 @@ class Resolver:
         self.names, self.info = names, info
 
     def __call__(self, name: str) -> str | None:
+        """The checkpoint key of a model-side name, or None when the base has no such tensor."""
         candidates = [name]
         prefix = self.info.base_model_prefix
         if prefix:
@@ -128,70 +131,150 @@ def needs_peft_engine(adapter: Adapter) -> str | None:
 
 
 def build_plan(adapter: Adapter, ckpt: Checkpoint, info: ModelInfo) -> MergePlan:
-    cfg = adapter.config
-    tensors = {name: TensorPlan(name, name, spec.shape, spec.dtype) for name, spec in ckpt.specs.items()}
-    resolve = Resolver(tensors, info)
-    in_ck = resolve(info.input_embedding) if info.tied and info.input_embedding else None
-    if in_ck and info.output_embedding and resolve(info.output_embedding) is None:
-        # a tied output embedding is not stored; it exists in the output only if we untie
-        spec = ckpt.specs[in_ck]
-        tensors[info.output_embedding] = TensorPlan(info.output_embedding, in_ck, spec.shape, spec.dtype, added=True)
-    problems: list[str] = []
-    groups: dict[str, dict[str, str]] = {}
+    """Every adapter tensor mapped to the base tensor it changes; one AdapterMismatchError lists every problem."""
+    planner = _Planner(adapter, ckpt, info)
+    modules: dict[str, dict[str, str]] = {}
     for key in adapter.keys():
         module, role = split_key(key)
-        groups.setdefault(module, {})[role] = key
-
-    plan = MergePlan(tensors)
-    unmatched: list[str] = []
-    token_indices = cfg.get("trainable_token_indices")
-
-    def target(param: str, key: str) -> TensorPlan | None:
-        ck = resolve(param)
-        if ck is None:
-            unmatched.append(key)
-            return None
-        if ck in info.converted:
-            problems.append(f"{key}: its base tensor {ck} is stored fused by transformers' conversion rules; "
-                            "this engine cannot merge into it")
-            return None
-        return tensors[ck]
-
-    for module, roles in groups.items():
-        if "full" in roles:  # modules_to_save copies, bias="all"/"lora_only" biases
-            tp = target(module, roles["full"])
-            if tp is not None:
-                _set_replacement(tp, roles["full"], adapter, problems, info)
-        for role, suffix in (("replace_weight", "weight"), ("replace_bias", "bias")):
-            if role in roles:
-                tp = target(f"{module}.{suffix}", roles[role])
-                if tp is not None:
-                    _set_replacement(tp, roles[role], adapter, problems, info)
-        if "tokens" in roles:
-            tp = target(f"{module}.weight", roles["tokens"])
-            if tp is not None:
-                indices = _token_indices(token_indices, module)
-                rows = adapter.shape(roles["tokens"])
-                if indices is None or len(indices) != rows[0]:
-                    problems.append(f"{roles['tokens']}: {rows[0]} trained token rows but trainable_token_indices "
-                                    f"gives {indices} for {module}")
-                elif rows[1:] != tp.shape[1:] or max(indices) >= tp.shape[0]:
-                    problems.append(f"{roles['tokens']}: rows of shape {rows} do not fit {tp.name} {tp.shape}")
-                else:
-                    tp.rows_key, tp.rows = roles["tokens"], list(indices)
-        lora_roles = {"A", "B", "emb_A", "emb_B"} & roles.keys()
-        if lora_roles:
-            _add_lora(module, roles, adapter, target, problems, info)
-
-    if unmatched:
-        problems.insert(0, f"{len(unmatched)} adapter tensor(s) match no tensor of the base: "
-                        + ", ".join(unmatched[:12]) + (" ..." if len(unmatched) > 12 else ""))
-    if problems:
-        raise AdapterMismatchError(problems, hint="check that --base is the model this adapter was trained on "
-                                   "(same architecture and size) and that the adapter files are intact")
-    plan.modules = {t.lora.module: t.lora for t in tensors.values() if t.lora is not None}
-    _resolve_vocab_and_ties(plan, info, resolve, ckpt)
+        modules.setdefault(module, {})[role] = key
+    for module, roles in modules.items():
+        planner.add_module(module, roles)
+    planner.raise_problems()
+    plan = MergePlan(planner.tensors)
+    plan.modules = {t.lora.module: t.lora for t in planner.tensors.values() if t.lora is not None}
+    _resolve_vocab_and_ties(plan, info, planner.resolve, ckpt)
     return plan
+
+
+class _Planner:
+    """The output's tensors as the adapter's modules are mapped onto them, and the problems found on the way."""
+
+    def __init__(self, adapter: Adapter, ckpt: Checkpoint, info: ModelInfo):
+        self.adapter, self.info = adapter, info
+        self.tensors = {name: TensorPlan(name, name, spec.shape, spec.dtype) for name, spec in ckpt.specs.items()}
+        self.resolve = Resolver(self.tensors, info)
+        self.problems: list[str] = []
+        self.unmatched: list[str] = []
+        in_ck = self.resolve(info.input_embedding) if info.tied and info.input_embedding else None
+        if in_ck and info.output_embedding and self.resolve(info.output_embedding) is None:
+            # a tied output embedding is not stored; it exists in the output only if we untie
+            spec = ckpt.specs[in_ck]
+            self.tensors[info.output_embedding] = TensorPlan(info.output_embedding, in_ck, spec.shape, spec.dtype,
+                                                             added=True)
+
+    def target(self, param: str, key: str) -> TensorPlan | None:
+        """The output tensor a model-side parameter name lands on (None: a problem, noted)."""
+        ck = self.resolve(param)
+        if ck is None:
+            self.unmatched.append(key)
+            return None
+        if ck in self.info.converted:
+            self.problems.append(f"{key}: its base tensor {ck} is stored fused by transformers' conversion rules; "
+                                 "this engine cannot merge into it")
+            return None
+        return self.tensors[ck]
+
+    def add_module(self, module: str, roles: dict[str, str]) -> None:
+        """One module's adapter tensors (by role) onto the output's tensors."""
+        for role, param in (("full", module), ("replace_weight", f"{module}.weight"),
+                            ("replace_bias", f"{module}.bias")):  # modules_to_save copies, trained biases
+            tp = self.target(param, roles[role]) if role in roles else None
+            if tp is not None:
+                self._replacement(tp, roles[role])
+        if "tokens" in roles:
+            tp = self.target(f"{module}.weight", roles["tokens"])
+            if tp is not None:
+                self._tokens(tp, module, roles["tokens"])
+        if {"A", "B", "emb_A", "emb_B"} & roles.keys():
+            self._lora(module, roles)
+
+    def _replacement(self, tp: TensorPlan, key: str) -> None:
+        shape = self.adapter.shape(key)
+        if shape != tp.shape:
+            vocab_resize = len(shape) == 2 and len(tp.shape) == 2 and shape[1] == tp.shape[1]
+            if not vocab_resize:
+                self.problems.append(f"{key}: shape {shape} does not fit base tensor {tp.name} {tp.shape}")
+                return
+            tp.shape = shape  # a resized vocabulary; checked against the other embedding later
+        tp.replace_key = key
+
+    def _tokens(self, tp: TensorPlan, module: str, key: str) -> None:
+        indices = _token_indices(self.adapter.config.get("trainable_token_indices"), module)
+        rows = self.adapter.shape(key)
+        if indices is None or len(indices) != rows[0]:
+            self.problems.append(f"{key}: {rows[0]} trained token rows but trainable_token_indices gives {indices} "
+                                 f"for {module}")
+        elif rows[1:] != tp.shape[1:] or max(indices) >= tp.shape[0]:
+            self.problems.append(f"{key}: rows of shape {rows} do not fit {tp.name} {tp.shape}")
+        else:
+            tp.rows_key, tp.rows = key, list(indices)
+
+    def _lora(self, module: str, roles: dict[str, str]) -> None:
+        """A LoRA module (linear or embedding, plain or DoRA) onto its weight, with its rank and shapes checked."""
+        embedding = "emb_A" in roles or "emb_B" in roles
+        a_key, b_key = roles.get("emb_A" if embedding else "A"), roles.get("emb_B" if embedding else "B")
+        if a_key is None or b_key is None:
+            self.problems.append(f"{module}: has {'lora_A' if a_key else 'lora_B'} but not its partner")
+            return
+        tp = self.target(f"{module}.weight", a_key)
+        if tp is None:
+            return
+        cfg = self.adapter.config
+        r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+        a_shape, b_shape = self.adapter.shape(a_key), self.adapter.shape(b_key)
+        fan_in_fan_out = not embedding and self._fan_in_fan_out(module, tp, a_shape, b_shape)
+        problem = _lora_misfit(tp, a_key, a_shape, b_shape, r, module, embedding, fan_in_fan_out)
+        op = LoraOp(module, "embedding" if embedding else "linear", a_key, b_key, r, alpha,
+                    lora_scale(r, alpha, bool(cfg.get("use_rslora"))), fan_in_fan_out, roles.get("magnitude"))
+        if problem is None and op.magnitude_key is not None:
+            m_shape = self.adapter.shape(op.magnitude_key)
+            if m_shape != (tp.shape[1] if (embedding or fan_in_fan_out) else tp.shape[0],):
+                problem = f"{op.magnitude_key}: DoRA magnitude of shape {m_shape} does not fit {tp.name} {tp.shape}"
+        if problem is not None:
+            self.problems.append(problem)
+            return
+        tp.lora = op
+        bias = self.target(f"{module}.bias", roles["B_bias"]) if "B_bias" in roles else None
+        if bias is not None:
+            bias.bias_key, bias.bias_scale = roles["B_bias"], op.scale
+
+    def _fan_in_fan_out(self, module: str, tp: TensorPlan, a_shape, b_shape) -> bool:
+        """Whether the weight is stored (in, out), as GPT-2's Conv1D: from the module type, else from the shapes,
+        else from the adapter's config."""
+        out_in, in_out = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
+        module_type = self.info.module_types.get(module)
+        if module_type is not None:
+            return module_type == "Conv1D"
+        if out_in != in_out:
+            return tp.shape == in_out and tp.shape != out_in
+        return bool(self.adapter.config.get("fan_in_fan_out"))
+
+    def raise_problems(self) -> None:
+        problems = list(self.problems)
+        if self.unmatched:
+            problems.insert(0, f"{len(self.unmatched)} adapter tensor(s) match no tensor of the base: "
+                            + ", ".join(self.unmatched[:12]) + (" ..." if len(self.unmatched) > 12 else ""))
+        if problems:
+            raise AdapterMismatchError(problems, hint="check that --base is the model this adapter was trained on "
+                                       "(same architecture and size) and that the adapter files are intact")
+
+
+def _lora_misfit(tp: TensorPlan, a_key: str, a_shape, b_shape, r: int, module: str, embedding: bool,
+                 fan_in_fan_out: bool) -> str | None:
+    """Why a LoRA of these shapes and rank does not fit its base weight, or None."""
+    if len(tp.shape) != 2:
+        return (f"{a_key}: base tensor {tp.name} has shape {tp.shape}; only 2-D (Linear, Conv1D, Embedding) weights "
+                "are merged natively")
+    if a_shape[0] != r or b_shape[-1] != r:
+        return f"{a_key}: rank {a_shape[0]} but adapter_config gives r={r} for {module}"
+    if embedding:
+        fits = (a_shape[1], b_shape[0]) == tp.shape
+    else:
+        fits = tp.shape == ((a_shape[1], b_shape[0]) if fan_in_fan_out else (b_shape[0], a_shape[1]))
+    if fits:
+        return None
+    return f"{a_key}: LoRA of shape A{a_shape} B{b_shape} does not fit base tensor {tp.name} {tp.shape}"
 
 
 def _token_indices(indices, module: str):
@@ -203,69 +286,6 @@ def _token_indices(indices, module: str):
                 return idx
         return None
     return indices  # a list applies to the input embedding
-
-
-def _set_replacement(tp: TensorPlan, key: str, adapter: Adapter, problems: list[str], info: ModelInfo) -> None:
-    shape = adapter.shape(key)
-    if shape != tp.shape:
-        vocab_resize = len(shape) == 2 and len(tp.shape) == 2 and shape[1] == tp.shape[1]
-        if not vocab_resize:
-            problems.append(f"{key}: shape {shape} does not fit base tensor {tp.name} {tp.shape}")
-            return
-        tp.shape = shape  # a resized vocabulary; checked against the other embedding later
-    tp.replace_key = key
-
-
-def _add_lora(module, roles, adapter: Adapter, target, problems, info: ModelInfo) -> None:
-    cfg = adapter.config
-    embedding = "emb_A" in roles or "emb_B" in roles
-    a_key = roles.get("emb_A" if embedding else "A")
-    b_key = roles.get("emb_B" if embedding else "B")
-    if a_key is None or b_key is None:
-        problems.append(f"{module}: has {'lora_A' if a_key else 'lora_B'} but not its partner")
-        return
-    tp = target(f"{module}.weight", a_key)
-    if tp is None:
-        return
-    r = pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8))
-    alpha = pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
-    a_shape, b_shape = adapter.shape(a_key), adapter.shape(b_key)
-    if len(tp.shape) != 2:
-        problems.append(f"{a_key}: base tensor {tp.name} has shape {tp.shape}; only 2-D (Linear, Conv1D, "
-                        "Embedding) weights are merged natively")
-        return
-    if a_shape[0] != r or b_shape[-1] != r:
-        problems.append(f"{a_key}: rank {a_shape[0]} but adapter_config gives r={r} for {module}")
-        return
-    fan_in_fan_out = False
-    if embedding:
-        fits = (a_shape[1], b_shape[0]) == tp.shape
-    else:
-        out_in, in_out = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
-        module_type = info.module_types.get(module)
-        if module_type is not None:
-            fan_in_fan_out = module_type == "Conv1D"
-        elif out_in != in_out:
-            fan_in_fan_out = tp.shape == in_out and tp.shape != out_in
-        else:
-            fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
-        fits = tp.shape == (in_out if fan_in_fan_out else out_in)
-    if not fits:
-        problems.append(f"{a_key}: LoRA of shape A{a_shape} B{b_shape} does not fit base tensor {tp.name} {tp.shape}")
-        return
-    op = LoraOp(module, "embedding" if embedding else "linear", a_key, b_key, r, alpha,
-                lora_scale(r, alpha, bool(cfg.get("use_rslora"))), fan_in_fan_out, roles.get("magnitude"))
-    if op.magnitude_key is not None:
-        m_shape = adapter.shape(op.magnitude_key)
-        want = tp.shape[1] if (embedding or fan_in_fan_out) else tp.shape[0]
-        if m_shape != (want,):
-            problems.append(f"{op.magnitude_key}: DoRA magnitude of shape {m_shape} does not fit {tp.name} {tp.shape}")
-            return
-    tp.lora = op
-    if "B_bias" in roles:
-        bias = target(f"{module}.bias", roles["B_bias"])
-        if bias is not None:
-            bias.bias_key, bias.bias_scale = roles["B_bias"], op.scale
 
 
 def _resolve_vocab_and_ties(plan: MergePlan, info: ModelInfo, resolve, ckpt: Checkpoint) -> None:

@@ -1,4 +1,5 @@
-"""Everything around the weights: kept files, config.json, model card, receipt, fingerprint."""
+"""Everything around the weights, and putting an output in place: companion files, config.json,
+fingerprints, the receipt and card written with it, staging, one writer per output, atomic publish."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from converter.errors import OutputLockedError, write_failure
+from converter.receipt import RECEIPT, Receipt, Variant, model_card, variant_card
 
-RECEIPT = "conversion.json"
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".partial.old"  # a replaced output, where the file system cannot exchange two directories
 # Base files that are weights or that we write ourselves.
@@ -29,6 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """The file's sha256, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -37,29 +39,37 @@ def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
 
 
 def fingerprint(parts: dict) -> str:
+    """The sha256 of ``parts`` as canonical JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_identity(path: Path) -> dict:
+    """A file's name, size and modification time (how a local base file is known)."""
     st = path.stat()
     return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def copy_non_weight_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str]:
-    """Tokenizer, generation config, templates, sentence-transformers modules...; adapter tokenizer files win."""
+def copy_companions(src_dir: Path, out_dir: Path, skip_existing: bool = False) -> list[str]:
+    """Copy everything of ``src_dir`` but weights and the files we write ourselves (tokenizer, generation config,
+    templates, sentence-transformers modules...); returns the relative paths copied."""
     kept = []
-    for src in sorted(base_dir.rglob("*")):
-        rel = src.relative_to(base_dir)
-        if any(part.startswith(".") for part in rel.parts) or not src.is_file():
+    for src in sorted(src_dir.rglob("*")):
+        rel = src.relative_to(src_dir)
+        if any(part.startswith(".") for part in rel.parts) or not src.is_file() or rel.name.endswith(WEIGHT_SUFFIXES):
+            continue  # weights here, and weights of sub-models we do not merge
+        if len(rel.parts) == 1 and (rel.name in SKIP_BASE or (skip_existing and (out_dir / rel).exists())):
             continue
-        if len(rel.parts) == 1 and (rel.name in SKIP_BASE or rel.name.endswith(WEIGHT_SUFFIXES)):
-            continue
-        if len(rel.parts) > 1 and rel.name.endswith(WEIGHT_SUFFIXES):
-            continue  # weights of sub-models we do not merge
         dst = out_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
         kept.append(str(rel))
+    return kept
+
+
+def copy_non_weight_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str]:
+    """The base's companions (``copy_companions``), then the tokenizer files the adapter ships, which win;
+    returns the relative paths copied."""
+    kept = copy_companions(base_dir, out_dir)
     for name in TOKENIZER_FILES:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, out_dir / name)
@@ -69,6 +79,7 @@ def copy_non_weight_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> l
 
 
 def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int | None, untie: bool) -> dict:
+    """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings); returns it."""
     config = json.loads(json.dumps(config))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
@@ -89,71 +100,10 @@ def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int |
     return config
 
 
-def model_card(receipt: dict, base_name: str, adapter_name: str) -> str:
-    v = receipt.get("verification", {})
-    full = v.get("full") or {}
-    lines = [
-        "---",
-        f"base_model: {base_name}",
-        "base_model_relation: finetune",
-        "library_name: transformers",
-        "tags:",
-        "- merged-adapter",
-        f"- {receipt['adapter']['peft_type'].lower()}",
-        "---",
-        "",
-        f"# {receipt['job_id']}",
-        "",
-        f"This checkpoint is `{base_name}` with the {receipt['adapter']['peft_type']} adapter `{adapter_name}` "
-        "merged into its weights; it loads with `from_pretrained` and needs no PEFT at inference.",
-        "",
-        f"- output dtype: {receipt['dtype']}",
-        f"- tensors merged / replaced / copied / added: {receipt['counts']['merged']} / {receipt['counts']['replaced']} "
-        f"/ {receipt['counts']['copied']} / {receipt['counts']['added']}",
-        f"- verification: {v.get('level')} ({'passed' if v.get('passed') else 'not passed'})",
-    ]
-    if full:
-        lines.append(f"  - merged vs unmerged outputs: max |Δ| {full.get('max_abs_diff'):.3g}, "
-                     f"KL {full.get('kl')}, top-1 agreement {full.get('top1')}")
-    if v.get("modules"):
-        lines.append(f"  - module probes: {v['modules']['checked']} modules, max relative error "
-                     f"{v['modules']['max_rel_err']:.3g}")
-    lines += ["", "`conversion.json` beside this card is the full receipt of the conversion.", ""]
-    return "\n".join(lines)
-
-
-def variant_card(receipt: dict, entry: dict, merged_name: str) -> str:
-    """The model card of a quantized variant: a quantized derivative of the merged checkpoint."""
-    fig = entry.get("figures") or {}
-    lines = [
-        "---",
-        f"base_model: {merged_name}",
-        "base_model_relation: quantized",
-        "library_name: transformers",
-        "tags:",
-        "- merged-adapter",
-        "- bitsandbytes",
-        f"- {entry['method'].removeprefix('bnb-')}",
-        "---",
-        "",
-        f"# {receipt['job_id']} ({entry['method']})",
-        "",
-        f"This checkpoint is `{merged_name}` (an adapter merged into its base) quantized with bitsandbytes "
-        f"`{entry['spec']}`. It loads with `from_pretrained` (bitsandbytes installed); `config.json` holds its "
-        "`quantization_config`.",
-        "",
-        f"- written by: {entry['engine']} engine; {entry['tensors'].get('quantized')} linear weights quantized",
-        f"- size of the weights: {entry['size_bytes'] / 2**20:.1f} MiB, {entry['size_ratio']:.2f}× the merged checkpoint's",
-    ]
-    if fig:
-        kl = "n/a" if fig.get("kl") is None else f"{fig['kl']:.3g}"
-        top1 = "n/a" if fig.get("top1") is None else f"{fig['top1']:.3f}"
-        lines.append(f"- against the merged model (this variant reloaded from disk): max |Δ| {fig['max_abs_diff']:.3g}, "
-                     f"KL {kl}, top-1 agreement {top1}")
-    else:
-        lines.append(f"- quality: {entry.get('note')}")
-    lines += ["", "`conversion.json` beside this card is the full receipt of the conversion.", ""]
-    return "\n".join(lines)
+def is_done(out: Path, fingerprint: str) -> bool:
+    """Whether ``out`` holds a finished conversion of exactly these inputs and options."""
+    receipt = read_receipt(out)
+    return receipt is not None and receipt["fingerprint"] == fingerprint and receipt.get("status") == "succeeded"
 
 
 def read_receipt(out_dir: Path) -> dict | None:
@@ -166,6 +116,7 @@ def read_receipt(out_dir: Path) -> dict | None:
 
 
 def fsync_dir(path: Path) -> None:
+    """Sync a directory's entries to disk (after a rename in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -173,15 +124,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def publish_job(receipt: Receipt, partial: Path, out: Path, variants: list[tuple[Variant, Path, str]]) -> None:
+    """Cards and receipts written, each variant then the merged output renamed into place: the merged
+    output's receipt, last, is the one "done" marker of the job. ``variants``: (record, directory, card tag).
+    A variant never outlives a job that fails here."""
+    published: list[Path] = []
+    try:
+        write_card_and_receipt(partial, model_card(receipt), receipt)
+        for variant, vdir, tag in variants:
+            write_card_and_receipt(partial_dir(vdir), variant_card(receipt, variant, out.name, tag),
+                                   receipt.for_variant(variant, out))
+            swap_in(partial_dir(vdir), vdir)
+            published.append(vdir)
+        swap_in(partial, out)
+    except BaseException:
+        for vdir in published:
+            shutil.rmtree(vdir, ignore_errors=True)
+        raise
+
+
+def write_card_and_receipt(directory: Path, card: str, receipt: Receipt) -> None:
+    """README.md and conversion.json into ``directory``, synced."""
+    try:
+        (directory / "README.md").write_text(card)
+        (directory / RECEIPT).write_text(json.dumps(receipt.to_json(), indent=2, default=str) + "\n")
+        fsync_dir(directory)
+    except OSError as exc:
+        raise write_failure(exc, "writing the receipt") from None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Staging and atomic publish: <out>.partial is written, then exchanged with <out> in one step.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def partial_dir(out: Path) -> Path:
+    """``<out>.partial``, where an output is staged."""
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
 def lock_path(out: Path) -> Path:
+    """The lock file beside ``out`` (hidden)."""
     return out.with_name(f".{out.name}.converter-lock")
 
 

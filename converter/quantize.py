@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import struct
+import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from converter.checkpoint import DTYPE_NAMES, Checkpoint
-from converter.errors import BadInputError, MergeError, write_failure
+from converter import publish
+from converter.checkpoint import Checkpoint
+from converter.errors import BadInputError, MergeError, VerificationError
+from converter.receipt import Variant
+from converter.resources import peak_rss_bytes, reset_peak_rss, resolve_device
+from converter.verify import judge_variant, variant_figures
+from converter.writer import AppendingShard, write_index
+
+log = logging.getLogger("converter")
 
 QUANT_DTYPES = ("float32", "bfloat16", "float16")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -48,8 +56,9 @@ def quantize_4bit(weight: torch.Tensor, spec: "QuantSpec") -> dict[str, torch.Te
     """Blockwise 4-bit, as ``bnb.nn.Params4bit._quantize`` and ``Linear4bit._save_to_state_dict``."""
     import bitsandbytes.functional as F
 
-    packed, state = F.quantize_4bit(weight.contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
-                                    quant_type=spec.method.removeprefix("bnb-"), quant_storage=torch.uint8)
+    packed, state = F.quantize_4bit(weight.contiguous(), blocksize=spec.blocksize,
+                                    compress_statistics=spec.double_quant, quant_type=METHODS[spec.method].quant_type,
+                                    quant_storage=torch.uint8)
     return {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
 
 
@@ -58,8 +67,19 @@ def _int8_config(spec: "QuantSpec") -> dict:
 
 
 def _4bit_config(spec: "QuantSpec") -> dict:
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": spec.method.removeprefix("bnb-"),
-            "bnb_4bit_use_double_quant": spec.double_quant, "bnb_4bit_compute_dtype": getattr(torch, spec.compute_dtype)}
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": METHODS[spec.method].quant_type,
+            "bnb_4bit_use_double_quant": spec.double_quant,
+            "bnb_4bit_compute_dtype": getattr(torch, spec.compute_dtype)}
+
+
+def _int8_names(spec: "QuantSpec") -> list[str]:
+    return ["weight", "SCB", "weight_format"]
+
+
+def _4bit_names(spec: "QuantSpec") -> list[str]:
+    quant_type = METHODS[spec.method].quant_type
+    names = ["weight", "weight.absmax", "weight.quant_map", f"weight.quant_state.bitsandbytes__{quant_type}"]
+    return names + (["weight.nested_absmax", "weight.nested_quant_map"] if spec.double_quant else [])
 
 
 def _int8_size(numel: int, spec: "QuantSpec") -> int:
@@ -80,6 +100,9 @@ class Method:
     quantize: Callable[[torch.Tensor, "QuantSpec"], dict[str, torch.Tensor]]
     bnb_config: Callable[["QuantSpec"], dict]  # BitsAndBytesConfig keyword arguments
     size: Callable[[int, "QuantSpec"], int]  # bytes written for one weight (shard planning)
+    names: Callable[["QuantSpec"], list[str]]  # every tensor a quantized weight may become (suffixes of the module)
+    tag: str  # the model card's tag, and bitsandbytes' quant_type for 4-bit methods
+    quant_type: str | None = None
     package: str = "bitsandbytes"
 
 
@@ -90,11 +113,14 @@ class Method:
 # dominated by outliers. Top-1 is lenient because random tokens give flat next-token distributions whose argmax flips
 # at small changes.
 METHODS: dict[str, Method] = {
-    "bnb-int8": Method({"threshold": 6.0}, {"max_kl": 0.02, "min_top1": 0.8}, quantize_int8, _int8_config, _int8_size),
+    "bnb-int8": Method({"threshold": 6.0}, {"max_kl": 0.02, "min_top1": 0.8}, quantize_int8, _int8_config, _int8_size,
+                       _int8_names, tag="int8"),
     "bnb-nf4": Method({"double_quant": False, "compute_dtype": "float32", "blocksize": 64},
-                      {"max_kl": 0.1, "min_top1": 0.5}, quantize_4bit, _4bit_config, _4bit_size),
+                      {"max_kl": 0.1, "min_top1": 0.5}, quantize_4bit, _4bit_config, _4bit_size, _4bit_names,
+                      tag="nf4", quant_type="nf4"),
     "bnb-fp4": Method({"double_quant": False, "compute_dtype": "float32", "blocksize": 64},
-                      {"max_kl": 0.15, "min_top1": 0.5}, quantize_4bit, _4bit_config, _4bit_size),
+                      {"max_kl": 0.15, "min_top1": 0.5}, quantize_4bit, _4bit_config, _4bit_size, _4bit_names,
+                      tag="fp4", quant_type="fp4"),
 }
 
 
@@ -103,7 +129,8 @@ METHODS: dict[str, Method] = {
 # ---------------------------------------------------------------------------------------------------------------------
 
 def parse_method_string(text: str) -> dict:
-    """``"bnb-nf4:blocksize=128,skip=lm_head,skip=mlp.down_proj"`` -> ``{"method": ..., "blocksize": "128", "skip": [...]}``."""
+    """``"bnb-nf4:blocksize=128,skip=lm_head,skip=mlp.down_proj"`` ->
+    ``{"method": ..., "blocksize": "128", "skip": [...]}``."""
     method, _, rest = text.strip().partition(":")
     out: dict = {"method": method.strip()}
     for item in filter(None, (p.strip() for p in rest.split(","))):
@@ -151,7 +178,8 @@ class QuantSpec(BaseModel):
         allowed = set(method.options) | set(COMMON_OPTIONS)
         wrong = sorted(given - allowed)
         if wrong:
-            raise ValueError(f"{name} does not take option(s) {', '.join(wrong)}; it takes: {', '.join(sorted(allowed))}")
+            raise ValueError(f"{name} does not take option(s) {', '.join(wrong)}; "
+                             f"it takes: {', '.join(sorted(allowed))}")
         for key, default in method.options.items():
             if value.get(key) is None:
                 value[key] = default
@@ -162,9 +190,11 @@ class QuantSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "QuantSpec":
         if self.blocksize is not None and self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"{self.method}: blocksize {self.blocksize} is not one of {', '.join(map(str, BLOCKSIZES))}")
+            raise ValueError(f"{self.method}: blocksize {self.blocksize} is not one of "
+                             f"{', '.join(map(str, BLOCKSIZES))}")
         if self.compute_dtype is not None and self.compute_dtype not in QUANT_DTYPES:
-            raise ValueError(f"{self.method}: compute_dtype {self.compute_dtype} is not one of {', '.join(QUANT_DTYPES)}")
+            raise ValueError(f"{self.method}: compute_dtype {self.compute_dtype} is not one of "
+                             f"{', '.join(QUANT_DTYPES)}")
         if any(not s for s in self.skip):
             raise ValueError(f"{self.method}: skip= needs a module name (e.g. skip=lm_head)")
         if self.min_top1 is not None and not 0 <= self.min_top1 <= 1:
@@ -189,19 +219,6 @@ class QuantSpec(BaseModel):
         return {"max_logit_diff": None, **METHODS[self.method].thresholds, **given}
 
 
-def judge(figures: dict, thresholds: dict) -> list[str]:
-    """What is over its threshold (KL and top-1 are None for models without logits: only max |Δ| applies)."""
-    failures = []
-    bound = thresholds["max_logit_diff"]
-    if bound is not None and not figures["max_abs_diff"] <= bound:
-        failures.append(f"max |Δlogit| {figures['max_abs_diff']:.3g} > {bound:g}")
-    if figures["kl"] is not None and not figures["kl"] <= thresholds["max_kl"]:
-        failures.append(f"mean KL {figures['kl']:.3g} > {thresholds['max_kl']:g}")
-    if figures["top1"] is not None and not figures["top1"] >= thresholds["min_top1"]:
-        failures.append(f"top-1 agreement {figures['top1']:.3f} < {thresholds['min_top1']:g}")
-    return failures
-
-
 def check_available(specs) -> None:
     """Bad input, before any work: a requested method whose package is missing or broken."""
     problems = []
@@ -217,6 +234,7 @@ def check_available(specs) -> None:
 
 
 def variant_dir(output: Path, spec: QuantSpec) -> Path:
+    """``<output>-<method>``: where a quantized variant goes."""
     return output.with_name(f"{output.name}-{spec.method}")
 
 
@@ -232,10 +250,13 @@ class VariantPlan:
 
     @property
     def engine(self) -> str:
+        """How the variant is written: streaming, or transformers where checkpoint keys are not module names."""
         return "transformers" if self.fallback else "streaming"
 
 
-def plan_variant(spec: QuantSpec, merged_dir: Path, model_cls, ckpt_keys: set[str], trust_remote_code: bool) -> VariantPlan:
+def plan_variant(spec: QuantSpec, merged_dir: Path, model_cls, ckpt_keys: set[str],
+                 trust_remote_code: bool) -> VariantPlan:
+    """Which weights transformers would quantize (its own rules, on a meta-device model)."""
     from torch import nn
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
@@ -252,7 +273,8 @@ def plan_variant(spec: QuantSpec, merged_dir: Path, model_cls, ckpt_keys: set[st
     not_convert = HfQuantizer.get_modules_to_not_convert(model, skip_modules, model._keep_in_fp32_modules)
     quantized, missing = {}, []
     for name, module in model.named_modules():
-        if not should_convert_module(name, not_convert) or not (isinstance(module, Conv1D) or type(module) is nn.Linear):
+        linear = isinstance(module, Conv1D) or type(module) is nn.Linear
+        if not linear or not should_convert_module(name, not_convert):
             continue
         key = f"{name}.weight"
         if key in ckpt_keys:
@@ -269,100 +291,49 @@ def plan_variant(spec: QuantSpec, merged_dir: Path, model_cls, ckpt_keys: set[st
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Writing: a safetensors shard whose header is filled in last (a packed quant_state's length is known only after
-# quantizing), in a space reserved up front and padded with spaces as safetensors allows.
+# Writing: shard by shard, each weight quantized as it is read from the merged output.
 # ---------------------------------------------------------------------------------------------------------------------
-
-_ENTRY_BOUND = 160  # bytes of header JSON per tensor beyond its quoted name (dtype, shape, offsets up to 10^15)
-
-
-class _ShardFile:
-    def __init__(self, path: Path, names: list[str]):
-        self.path = path
-        bound = 64 + sum(len(json.dumps(n)) + _ENTRY_BOUND for n in names)
-        self.reserved = bound + (-(bound + 8) % 8)
-        self.entries: dict = {}
-        self.offset = 0
-        try:
-            self.file = open(path, "wb")
-            self.file.write(b"\0" * (8 + self.reserved))
-        except OSError as exc:
-            raise write_failure(exc, "writing", path) from None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        self.entries[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                              "data_offsets": [self.offset, self.offset + tensor.numel() * tensor.element_size()]}
-        self.offset += tensor.numel() * tensor.element_size()
-        try:
-            self.file.write(memoryview(data))
-        except OSError as exc:
-            raise write_failure(exc, "writing", self.path) from None
-
-    def close(self) -> None:
-        raw = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
-        if len(raw) > self.reserved:
-            raise MergeError(f"internal: safetensors header of {self.path.name} outgrew its reserved space")
-        raw += b" " * (self.reserved - len(raw))
-        try:
-            self.file.seek(0)
-            self.file.write(struct.pack("<Q", len(raw)) + raw)
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        except OSError as exc:
-            raise write_failure(exc, "writing", self.path) from None
-        finally:
-            self.file.close()
-
 
 def write_streaming(spec: QuantSpec, plan: VariantPlan, merged: Checkpoint, out_dir: Path, dtype: torch.dtype,
                     device: torch.device, max_shard_size: str) -> dict:
-    """Quantize the planned weights of ``merged`` one at a time into ``out_dir``; other tensors are carried over."""
+    """Quantize the planned weights of ``merged`` one at a time into ``out_dir``; other tensors are carried over.
+    Returns the count of weights quantized and of tensors kept."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     method = METHODS[spec.method]
-    sizes = {}
-    for name, s in merged.specs.items():
-        sizes[name] = method.size(s.numel, spec) if name in plan.quantized else \
-            s.numel * (dtype.itemsize if s.dtype.is_floating_point else s.dtype.itemsize)
+    sizes = {name: method.size(s.numel, spec) if name in plan.quantized else
+             s.numel * (dtype.itemsize if s.dtype.is_floating_point else s.dtype.itemsize)
+             for name, s in merged.specs.items()}
     split = split_state_dict_into_shards_factory(sizes, get_storage_size=lambda n: n, max_shard_size=max_shard_size,
                                                  filename_pattern="model{suffix}.safetensors")
     weight_map, total, counts = {}, 0, {"quantized": 0, "kept": 0}
     for fname, sources in split.filename_to_tensors.items():
-        names = [f"{n.removesuffix('.weight')}.{k}" for n in sources if n in plan.quantized for k in _suffixes(spec)]
-        names += [n for n in sources if n not in plan.quantized]
-        shard = _ShardFile(out_dir / fname, names)
+        names = [f"{n.removesuffix('.weight')}.{k}" for n in sources if n in plan.quantized for k in method.names(spec)]
+        shard = AppendingShard(out_dir / fname, names + [n for n in sources if n not in plan.quantized])
         try:
             for name in sources:
-                tensor = merged.get(name)
-                if name in plan.quantized:
-                    w = tensor.to(device=device, dtype=dtype)
-                    out = method.quantize(w.T if plan.quantized[name] else w, spec)  # Conv1D is stored (in, out)
-                    prefix = name.removesuffix(".weight")
-                    for k, v in out.items():
-                        shard.write(f"{prefix}.{k}", v)
-                    counts["quantized"] += 1
-                else:
-                    shard.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-                    counts["kept"] += 1
-                del tensor
+                _write_one(shard, name, merged.get(name), spec, plan, dtype, device, counts)
         finally:
             shard.close()
         total += shard.offset
         weight_map.update(dict.fromkeys(shard.entries, fname))
     if split.is_sharded:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out_dir, dict(sorted(weight_map.items())), total)
     return counts
 
 
-def _suffixes(spec: QuantSpec) -> list[str]:
-    """Every tensor name a quantized weight may produce (an upper bound for the header)."""
-    if spec.method == "bnb-int8":
-        return ["weight", "SCB", "weight_format"]
-    names = ["weight", "weight.absmax", "weight.quant_map", f"weight.quant_state.bitsandbytes__{spec.method[4:]}"]
-    return names + (["weight.nested_absmax", "weight.nested_quant_map"] if spec.double_quant else [])
+def _write_one(shard: AppendingShard, name: str, tensor: torch.Tensor, spec: QuantSpec, plan: VariantPlan,
+               dtype: torch.dtype, device: torch.device, counts: dict) -> None:
+    if name not in plan.quantized:
+        shard.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        counts["kept"] += 1
+        return
+    w = tensor.to(device=device, dtype=dtype)
+    out = METHODS[spec.method].quantize(w.T if plan.quantized[name] else w, spec)  # Conv1D is stored (in, out)
+    prefix = name.removesuffix(".weight")
+    for k, v in out.items():
+        shard.write(f"{prefix}.{k}", v)
+    counts["quantized"] += 1
 
 
 def write_with_transformers(spec: QuantSpec, plan: VariantPlan, model_cls, merged_dir: Path, out_dir: Path,
@@ -386,35 +357,12 @@ def quantization_config(spec: QuantSpec, plan: VariantPlan) -> dict:
     """config.json's ``quantization_config``: BitsAndBytesConfig.to_dict(), as save_pretrained writes it."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(**METHODS[spec.method].bnb_config(spec), llm_int8_skip_modules=plan.skip_modules).to_dict()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Figures: the variant reloaded from disk against the merged model, on the same probe inputs.
-# ---------------------------------------------------------------------------------------------------------------------
-
-def quality_figures(model_cls, merged_dir: Path, variant: Path, trust_remote_code: bool = False) -> dict:
-    from converter.verify import _outputs, compare, probe_inputs
-
-    # Both in the checkpoint's own dtype, as they would be served: what serving the variant instead costs. (A bnb
-    # checkpoint loaded in another dtype can come out with mixed dtypes: GPT-2's LayerNorms stay bfloat16.)
-    kw = dict(dtype="auto", trust_remote_code=trust_remote_code)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        merged = model_cls.from_pretrained(merged_dir, **kw).eval()
-        inputs = probe_inputs(merged.config, batch=4, length=32)
-        ref, is_logits = _outputs(merged, inputs)
-        del merged
-        gc.collect()
-        model = model_cls.from_pretrained(variant, **kw).eval()  # a fresh load: judge the files, not a live layer
-        device = next(model.parameters()).device
-        got, _ = _outputs(model, {k: v.to(device) for k, v in inputs.items()})
-        del model
-        gc.collect()
-    return compare(ref.float(), got.float().cpu(), is_logits)
+    config = BitsAndBytesConfig(**METHODS[spec.method].bnb_config(spec), llm_int8_skip_modules=plan.skip_modules)
+    return config.to_dict()
 
 
 def weights_size(directory: Path) -> int:
+    """Bytes of a checkpoint directory's weight files and index."""
     return sum(p.stat().st_size for p in Path(directory).iterdir()
                if p.name.endswith(".safetensors") or p.name == "model.safetensors.index.json")
 
@@ -423,75 +371,75 @@ def weights_size(directory: Path) -> int:
 # One variant, start to finish: plan, write, config and companion files, figures from disk, judgement.
 # ---------------------------------------------------------------------------------------------------------------------
 
+def produce_variants(job, inputs, merged_dir: Path, model_fits: bool, timings: dict) -> list[Variant]:
+    """Each variant the job asks for, written into ``<output>-<method>.partial`` from the merged shards and
+    measured against them; raises VerificationError for one over its thresholds."""
+    if not job.quantize:
+        return []
+    t = time.perf_counter()
+    measure = True if model_fits else "the model does not fit this worker's memory"
+    if job.verify == "none":
+        measure = "--verify none"
+    variants = []
+    for spec in job.quantize:
+        out_dir = publish.fresh_dir(publish.partial_dir(variant_dir(job.output, spec)))
+        variant = produce_variant(spec, merged_dir, out_dir, model_cls=inputs.info.model_cls, dtype=inputs.out_dtype,
+                                  device=resolve_device(job.device), max_shard_size=job.max_shard_size,
+                                  trust_remote_code=job.trust_remote_code, measure=measure)
+        if variant.note:
+            log.warning(variant.note)
+        variants.append(variant)
+    timings["quantize_s"] = round(time.perf_counter() - t, 3)
+    return variants
+
+
 def produce_variant(spec: QuantSpec, merged_dir: Path, out_dir: Path, *, model_cls, dtype: torch.dtype,
-                    device: torch.device, max_shard_size: str, trust_remote_code: bool, measure: bool | str) -> dict:
-    """Write the ``spec`` variant of the merged checkpoint ``merged_dir`` into ``out_dir``; returns its receipt entry.
+                    device: torch.device, max_shard_size: str, trust_remote_code: bool, measure: bool | str) -> Variant:
+    """Write the ``spec`` variant of the merged checkpoint ``merged_dir`` into ``out_dir``; returns its record.
 
     ``measure``: True to compute and judge the figures; a string (why not) to skip them.
     Raises VerificationError when the reloaded variant is over its thresholds.
     """
-    import time
-    from importlib import metadata
-
-    from converter.resources import peak_rss_bytes, reset_peak_rss
-
     t0 = time.perf_counter()
-    merged = Checkpoint(merged_dir)
-    plan = plan_variant(spec, merged_dir, model_cls, set(merged.specs), trust_remote_code)
-    reset_peak_rss()
-    if plan.fallback is None:
-        counts = write_streaming(spec, plan, merged, out_dir, dtype, device, max_shard_size)
-        config = json.loads((merged_dir / "config.json").read_text())
-        config["quantization_config"] = quantization_config(spec, plan)
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    else:
-        counts = write_with_transformers(spec, plan, model_cls, merged_dir, out_dir, dtype, max_shard_size,
-                                         trust_remote_code)
-    write_peak = peak_rss_bytes()
-    _copy_companions(merged_dir, out_dir)
-    t_write = time.perf_counter() - t0
+    plan, counts, write_peak = _write_variant(spec, merged_dir, out_dir, model_cls, dtype, device, max_shard_size,
+                                              trust_remote_code)
+    publish.copy_companions(merged_dir, out_dir, skip_existing=True)
     size, merged_size = weights_size(out_dir), weights_size(merged_dir)
-    thresholds = spec.thresholds()
-    entry = {
-        "method": spec.method, "spec": str(spec), "options": spec.options(), "engine": plan.engine,
-        "engine_reason": plan.fallback, "path": str(out_dir.with_name(out_dir.name.removesuffix(".partial"))),
-        "quantization_config": quantization_config(spec, plan),
-        "tensors": counts, "size_bytes": size, "merged_size_bytes": merged_size,
-        "size_ratio": round(size / merged_size, 4) if merged_size else None,
-        "figures": None, "thresholds": thresholds, "passed": True, "note": None,
-        "bitsandbytes": metadata.version("bitsandbytes"),
-        "timings": {"write_s": round(t_write, 3)}, "peak_rss_bytes": {"write": write_peak},
-    }
+    variant = Variant(
+        method=spec.method, spec=str(spec), options=spec.options(), engine=plan.engine, engine_reason=plan.fallback,
+        path=str(out_dir.with_name(out_dir.name.removesuffix(publish.PARTIAL_SUFFIX))),
+        quantization_config=quantization_config(spec, plan), tensors=counts, size_bytes=size,
+        merged_size_bytes=merged_size, size_ratio=round(size / merged_size, 4) if merged_size else None,
+        thresholds=spec.thresholds(), bitsandbytes=metadata.version("bitsandbytes"),
+        timings={"write_s": round(time.perf_counter() - t0, 3)}, peak_rss_bytes={"write": write_peak})
     if measure is not True:
-        entry["note"] = f"quality figures not measured: {measure}"
-        return entry
+        return variant.model_copy(update={"note": f"quality figures not measured: {measure}"})
     t = time.perf_counter()
-    entry["figures"] = quality_figures(model_cls, merged_dir, out_dir, trust_remote_code)
-    entry["timings"]["figures_s"] = round(time.perf_counter() - t, 3)
-    failures = judge(entry["figures"], thresholds)
+    figures = variant_figures(model_cls, merged_dir, out_dir, trust_remote_code)
+    timings = {**variant.timings, "figures_s": round(time.perf_counter() - t, 3)}
+    variant = variant.model_copy(update={"figures": figures, "timings": timings})
+    failures = judge_variant(figures, variant.thresholds)
     if failures:
-        from converter.errors import VerificationError
-
-        entry["passed"] = False
         raise VerificationError(
             f"the {spec.method} variant, reloaded from disk, is too far from the merged model: {'; '.join(failures)}. "
             f"Nothing was published. Loosen its thresholds only if this is expected "
             f"(e.g. --quantize '{spec.method}:max_kl=0.2,min_top1=0.6'), or choose another method")
-    return entry
+    return variant
 
 
-def _copy_companions(merged_dir: Path, out_dir: Path) -> None:
-    """Tokenizer, generation config, templates...: everything of the merged output but weights and our own files."""
-    import shutil
-
-    from converter.publish import SKIP_BASE, WEIGHT_SUFFIXES
-
-    for src in sorted(merged_dir.rglob("*")):
-        rel = src.relative_to(merged_dir)
-        if not src.is_file() or src.name.endswith(WEIGHT_SUFFIXES) or (len(rel.parts) == 1 and src.name in SKIP_BASE):
-            continue
-        dst = out_dir / rel
-        if len(rel.parts) == 1 and dst.exists():  # written by save_pretrained (transformers path)
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+def _write_variant(spec: QuantSpec, merged_dir: Path, out_dir: Path, model_cls, dtype: torch.dtype, device,
+                   max_shard_size: str, trust_remote_code: bool) -> tuple[VariantPlan, dict, int]:
+    """(plan, tensor counts, peak RSS while writing): streamed where checkpoint keys are module names,
+    else through transformers."""
+    merged = Checkpoint(merged_dir)
+    plan = plan_variant(spec, merged_dir, model_cls, set(merged.specs), trust_remote_code)
+    reset_peak_rss()
+    if plan.fallback is not None:
+        counts = write_with_transformers(spec, plan, model_cls, merged_dir, out_dir, dtype, max_shard_size,
+                                         trust_remote_code)
+        return plan, counts, peak_rss_bytes()
+    counts = write_streaming(spec, plan, merged, out_dir, dtype, device, max_shard_size)
+    config = json.loads((merged_dir / "config.json").read_text())
+    config["quantization_config"] = quantization_config(spec, plan)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return plan, counts, peak_rss_bytes()

@@ -1,10 +1,24 @@
-"""Peak memory and package versions for the receipt."""
+"""What a job runs on: its torch device, and the peak memory and package versions its receipt records."""
 
 from __future__ import annotations
 
 import platform
 import resource
 from importlib import metadata
+
+import torch
+
+from converter.errors import BadInputError
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device a job's ``device`` option names (auto: CUDA when torch sees a GPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInputError("--device cuda was asked for but torch sees no CUDA device",
+                            hint="use --device cpu or auto, or install a CUDA build of torch")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def reset_peak_rss() -> bool:
@@ -18,6 +32,7 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident memory since the last reset, in bytes."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -29,6 +44,7 @@ def peak_rss_bytes() -> int:
 
 
 def versions() -> dict[str, str]:
+    """Versions of Python and of the packages that decide the output."""
     out = {"python": platform.python_version()}
     for pkg in ("converter", "torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate"):
         try:

@@ -36,6 +36,7 @@ class Resolved:
 
     @property
     def is_hub(self) -> bool:
+        """Whether the source is a hub repo (else a local directory)."""
         return self.repo is not None
 
 
@@ -99,8 +100,12 @@ def _unreachable(kind: str, repo: str, exc: BaseException) -> BadInputError:
 
 def _download(repo: str, kind: str, revision, subfolder, cache_dir, trust_remote_code) -> Resolved:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     rev = revision or "main"
     offline = _offline()

@@ -1,18 +1,40 @@
-"""End-to-end verification: the unmerged PeftModel against the merged checkpoint on disk.
+"""Verification: module probes through each merged weight, the unmerged PeftModel against the merged
+checkpoint on disk, and a quantized variant against the merged model.
 
-Both run in float32 on the same probe inputs, so the figures measure what the merge
-(and the cast to the output dtype) changed, not the precision of the forward pass.
+End to end, both models run in float32 on the same probe inputs, so the figures measure
+what the merge (and the cast to the output dtype) changed, not the precision of the
+forward pass. A variant and the merged model run each in its own dtype, as served.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
+
+from converter import lora_math
+from converter.errors import VerificationError
+from converter.receipt import Figures, FullCheck, ModuleCheck, Verification
+
+if TYPE_CHECKING:
+    from converter.adapter import Adapter
+    from converter.inputs import Inputs
+    from converter.options import MergeJob
+    from converter.plan import LoraOp
+
+log = logging.getLogger("converter")
+
+# Relative error of a probe through a merged weight, by output dtype (rounding only).
+PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+PROBE_ROWS_PER_CHUNK = 4
+PROBE_COLS = 8
 
 # Defaults by output dtype: max |Δlogit| relative to max |logit|, mean KL, top-1 agreement.
 TOLERANCES = {
@@ -32,17 +54,120 @@ class Tolerance:
 
     @classmethod
     def for_dtype(cls, dtype: torch.dtype, max_abs_diff=None, max_kl=None, min_top1=None) -> "Tolerance":
+        """The defaults for an output dtype, with the bounds the user set."""
         base = TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
         return cls(base["max_rel_diff"], base["max_kl"] if max_kl is None else max_kl,
                    base["min_top1"] if min_top1 is None else min_top1, max_abs_diff)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Module probes: random inputs through W' against W·x + s·B·(A·x), during the merge.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖."""
+    return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: "LoraOp", adapter: "Adapter", seed: int = 0) -> float:
+    """Relative error of random probes through a whole W' against W·x + s·B·(A·x) (DoRA: times m/‖W+sBA‖)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = adapter.get(op.a_key).float(), adapter.get(op.b_key).float()
+    w, merged = unmerged.float().cpu(), merged.float().cpu()
+    magnitude = adapter.get(op.magnitude_key).float() if op.magnitude_key else None
+    if op.kind == "embedding":  # rows of the table for random token ids
+        idx = torch.randint(0, w.shape[0], (16,), generator=g)
+        ref = w[idx] + op.scale * (a[:, idx].T @ b.T)
+        if magnitude is not None:
+            norm = torch.linalg.vector_norm(w + op.scale * (b @ a).T, dim=0)
+            ref = ref * (magnitude / norm).view(1, -1)
+        return relative_error(merged[idx], ref)
+    w_std = lora_math.transpose(w, op.fan_in_fan_out)
+    x = torch.randn(w_std.shape[1], 8, generator=g)
+    ref = w_std @ x + op.scale * (b @ (a @ x))
+    if magnitude is not None:
+        norm = torch.linalg.vector_norm(w_std + op.scale * (b @ a), dim=1)
+        ref = ref * (magnitude / norm).view(-1, 1)
+    return relative_error(lora_math.transpose(merged, op.fan_in_fan_out) @ x, ref)
+
+
+class RowProbe:
+    """The probes of a weight merged in row chunks: a few rows of every chunk through W' against W·x + s·B·(A·x)."""
+
+    def __init__(self, cols: int, device):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(cols, PROBE_COLS, generator=g).to(device)
+        self.got: list[torch.Tensor] = []
+        self.ref: list[torch.Tensor] = []
+
+    def add(self, start: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r0: int,
+            scale: float) -> None:
+        """Probe rows of the chunk starting at row ``r0`` (``start``: its rows before, ``out``: after)."""
+        rows = start.shape[0]
+        idx = torch.linspace(0, rows - 1, min(PROBE_ROWS_PER_CHUNK, rows)).round().long().to(out.device)
+        self.ref.append(start[idx].float() @ self.x + scale * (b[r0 + idx] @ (a @ self.x)))
+        self.got.append(out[idx].float() @ self.x)
+
+    def error(self) -> float:
+        """The relative error over every probed row."""
+        return relative_error(torch.cat(self.got), torch.cat(self.ref))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A job's verification: the module probes' figures, then the merged model against the unmerged one.
+# ---------------------------------------------------------------------------------------------------------------------
+
 def fits_in_memory(model_bytes_fp32: int) -> bool:
-    """Two fp32 copies of the model (unmerged and merged, one at a time) plus headroom."""
+    """Whether two fp32 copies of the model (unmerged and merged, one at a time) plus headroom fit now."""
     return 2.5 * model_bytes_fp32 < psutil.virtual_memory().available
 
 
+def verify_job(job: "MergeJob", inputs: "Inputs", merged_dir: Path, probes, vocab_size: int | None,
+               model_fits: bool, timings: dict) -> Verification:
+    """The verification the job asked for, as far as it can run; raises VerificationError over tolerance.
+    ``probes``: the merge's module probes (MergeStats), None where PEFT's engine merged; ``model_fits``:
+    whether whole models fit this worker's memory (else end-to-end figures are skipped, with a note)."""
+    if job.verify == "none":
+        return Verification(requested="none")
+    modules = _module_check(probes, inputs.out_dtype) if probes is not None else None
+    done = Verification(requested=job.verify, level="modules" if modules else "none", modules=modules)
+    if job.verify != "full":
+        return done
+    skipped = _why_not_full(inputs, model_fits)
+    if skipped:
+        log.warning(skipped)
+        return done.model_copy(update={"note": skipped})
+    t = time.perf_counter()
+    figures = full_verification(inputs.info.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
+                                vocab_size, job.trust_remote_code)
+    timings["verify_s"] = round(time.perf_counter() - t, 3)
+    tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1)
+    failures = judge(figures, tol)
+    if failures:
+        raise VerificationError(f"the merged model's outputs differ from the unmerged adapter's: "
+                                f"{'; '.join(failures)}. Nothing was published. Loosen --max-logit-diff/--max-kl/"
+                                "--min-top1 only if this is expected (e.g. a narrow --dtype)")
+    full = FullCheck(**figures.model_dump(), tolerance=asdict(tol))
+    return done.model_copy(update={"level": "full", "full": full})
+
+
+def _module_check(probes, out_dtype: torch.dtype) -> ModuleCheck:
+    if probes.failed_probes:
+        raise VerificationError("module probes over tolerance: " + "; ".join(probes.failed_probes[:10]))
+    return ModuleCheck(checked=len(probes.probes), max_rel_err=max(probes.probes.values(), default=0.0),
+                       tolerance=PROBE_TOLERANCE.get(out_dtype, 1e-2))
+
+
+def _why_not_full(inputs: "Inputs", model_fits: bool) -> str | None:
+    if not inputs.info.instantiable:
+        return f"full verification skipped, modules only: {inputs.info.note}"
+    if not model_fits:
+        return "full verification skipped, modules only: the model does not fit this worker's memory"
+    return None
+
+
 def probe_inputs(config, batch: int = 2, length: int = 16, seed: int = 0) -> dict:
+    """Random token ids (and what the architecture needs beside them), the same for both models compared."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 1000)
     g = torch.Generator().manual_seed(seed)
@@ -57,42 +182,43 @@ def probe_inputs(config, batch: int = 2, length: int = 16, seed: int = 0) -> dic
     return inputs
 
 
-def _outputs(model, inputs) -> torch.Tensor:
+def model_outputs(model, inputs) -> tuple[torch.Tensor, bool]:
+    """(logits, True), or (last hidden state, False) for models without logits; as float32."""
     with torch.no_grad():
         out = model(**inputs)
     logits = getattr(out, "logits", None)
     return (logits if logits is not None else out.last_hidden_state).float(), logits is not None
 
 
-def compare(ref: torch.Tensor, got: torch.Tensor, is_logits: bool) -> dict:
+def compare(ref: torch.Tensor, got: torch.Tensor, is_logits: bool) -> Figures:
+    """max |Δ| (absolute and relative to max |ref|), and for logits the mean KL and top-1 agreement."""
     diff = (ref - got).abs()
-    figures = {"max_abs_diff": float(diff.max()), "max_rel_diff": float(diff.max() / ref.abs().max().clamp_min(1e-30))}
-    if is_logits:
-        logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
-        figures["kl"] = float((logp.exp() * (logp - logq)).sum(-1).mean().clamp_min(0.0))
-        figures["top1"] = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
-    else:
-        figures["kl"] = None
-        figures["top1"] = None
-    return figures
+    max_abs, max_rel = float(diff.max()), float(diff.max() / ref.abs().max().clamp_min(1e-30))
+    if not is_logits:
+        return Figures(max_abs_diff=max_abs, max_rel_diff=max_rel)
+    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    return Figures(max_abs_diff=max_abs, max_rel_diff=max_rel,
+                   kl=float((logp.exp() * (logp - logq)).sum(-1).mean().clamp_min(0.0)),
+                   top1=float((ref.argmax(-1) == got.argmax(-1)).float().mean()))
 
 
-def judge(figures: dict, tol: Tolerance) -> list[str]:
+def judge(figures: Figures, tol: Tolerance) -> list[str]:
+    """What is over the merge's tolerance (empty when nothing)."""
     failures = []
     if tol.max_abs_diff is not None:
-        if not figures["max_abs_diff"] <= tol.max_abs_diff:
-            failures.append(f"max |Δ| {figures['max_abs_diff']:.3g} > {tol.max_abs_diff:g}")
-    elif not figures["max_rel_diff"] <= tol.max_rel_diff:
-        failures.append(f"max |Δ| / max |ref| {figures['max_rel_diff']:.3g} > {tol.max_rel_diff:g}")
-    if figures["kl"] is not None and not figures["kl"] <= tol.max_kl:
-        failures.append(f"KL {figures['kl']:.3g} > {tol.max_kl:g}")
-    if figures["top1"] is not None and not figures["top1"] >= tol.min_top1:
-        failures.append(f"top-1 agreement {figures['top1']:.3f} < {tol.min_top1:g}")
+        if not figures.max_abs_diff <= tol.max_abs_diff:
+            failures.append(f"max |Δ| {figures.max_abs_diff:.3g} > {tol.max_abs_diff:g}")
+    elif not figures.max_rel_diff <= tol.max_rel_diff:
+        failures.append(f"max |Δ| / max |ref| {figures.max_rel_diff:.3g} > {tol.max_rel_diff:g}")
+    if figures.kl is not None and not figures.kl <= tol.max_kl:
+        failures.append(f"KL {figures.kl:.3g} > {tol.max_kl:g}")
+    if figures.top1 is not None and not figures.top1 >= tol.min_top1:
+        failures.append(f"top-1 agreement {figures.top1:.3f} < {tol.min_top1:g}")
     return failures
 
 
 def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: Path, vocab_size: int | None,
-                      trust_remote_code: bool = False) -> dict:
+                      trust_remote_code: bool = False) -> Figures:
     """Figures of the merged checkpoint (loaded as a user would) against the unmerged PeftModel."""
     from peft import PeftModel
 
@@ -104,11 +230,48 @@ def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: 
             base.resize_token_embeddings(vocab_size)
         unmerged = PeftModel.from_pretrained(base, adapter_dir).eval()
         inputs = probe_inputs(base.config)
-        ref, is_logits = _outputs(unmerged, inputs)
+        ref, is_logits = model_outputs(unmerged, inputs)
         del unmerged, base
         gc.collect()
         merged = model_cls.from_pretrained(merged_dir, **kw).eval()
-        got, _ = _outputs(merged, inputs)
+        got, _ = model_outputs(merged, inputs)
         del merged
         gc.collect()
     return compare(ref, got, is_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A quantized variant: reloaded from disk, against the merged model, on the same probe inputs.
+# ---------------------------------------------------------------------------------------------------------------------
+
+def variant_figures(model_cls, merged_dir: Path, variant: Path, trust_remote_code: bool = False) -> Figures:
+    """The variant's outputs against the merged model's, both loaded from disk in their own dtype."""
+    # Both in the checkpoint's own dtype, as they would be served: what serving the variant instead costs. (A bnb
+    # checkpoint loaded in another dtype can come out with mixed dtypes: GPT-2's LayerNorms stay bfloat16.)
+    kw = dict(dtype="auto", trust_remote_code=trust_remote_code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = model_cls.from_pretrained(merged_dir, **kw).eval()
+        inputs = probe_inputs(merged.config, batch=4, length=32)
+        ref, is_logits = model_outputs(merged, inputs)
+        del merged
+        gc.collect()
+        model = model_cls.from_pretrained(variant, **kw).eval()  # a fresh load: judge the files, not a live layer
+        device = next(model.parameters()).device
+        got, _ = model_outputs(model, {k: v.to(device) for k, v in inputs.items()})
+        del model
+        gc.collect()
+    return compare(ref.float(), got.float().cpu(), is_logits)
+
+
+def judge_variant(figures: Figures, thresholds: dict) -> list[str]:
+    """What is over a variant's thresholds (KL and top-1 are None for models without logits: only max |Δ| applies)."""
+    failures = []
+    bound = thresholds["max_logit_diff"]
+    if bound is not None and not figures.max_abs_diff <= bound:
+        failures.append(f"max |Δlogit| {figures.max_abs_diff:.3g} > {bound:g}")
+    if figures.kl is not None and not figures.kl <= thresholds["max_kl"]:
+        failures.append(f"mean KL {figures.kl:.3g} > {thresholds['max_kl']:g}")
+    if figures.top1 is not None and not figures.top1 >= thresholds["min_top1"]:
+        failures.append(f"top-1 agreement {figures.top1:.3f} < {thresholds['min_top1']:g}")
+    return failures

@@ -52,24 +52,44 @@ class OutSpec:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data."""
         return TensorSpec(self.name, self.dtype, self.shape, Path()).nbytes
+
+
+def _header(entries: dict, size: int | None = None) -> bytes:
+    """A safetensors header: the length, then the JSON of ``entries`` padded with spaces to ``size``
+    bytes (or to the 8-byte alignment), as safetensors allows."""
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    raw += b" " * ((size - len(raw)) if size is not None else (-(len(raw) + 8) % ALIGN))
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _entry(dtype: torch.dtype, shape, begin: int, end: int) -> dict:
+    return {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int, metadata: dict | None = None) -> None:
+    """``model.safetensors.index.json`` of a sharded checkpoint (tensor name -> shard file)."""
+    path = directory / "model.safetensors.index.json"
+    index = {"metadata": {**(metadata or {}), "total_size": total_size}, "weight_map": weight_map}
+    try:
+        path.write_text(json.dumps(index, indent=2) + "\n")
+    except OSError as exc:
+        raise _io_error(path, exc) from None
 
 
 class _Shard:
     def __init__(self, path: Path, specs: list[OutSpec]):
         self.path = path
         self.specs = specs
-        header: dict = {"__metadata__": {"format": "pt"}}
+        entries: dict = {}
         offset = 0
         self.offsets: dict[str, tuple[int, int]] = {}
         for spec in specs:
-            header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}
+            entries[spec.name] = _entry(spec.dtype, spec.shape, offset, offset + spec.nbytes)
             self.offsets[spec.name] = (offset, offset + spec.nbytes)
             offset += spec.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-(len(raw) + 8) % ALIGN)
-        self.header = struct.pack("<Q", len(raw)) + raw
+        self.header = _header(entries)
         self.data_bytes = offset
         self.fd: int | None = None
         self.written: dict[str, int] = {}  # bytes written per tensor
@@ -77,6 +97,25 @@ class _Shard:
 
 def _io_error(path: Path, exc: OSError) -> MergeError:
     return write_failure(exc, "writing", path)
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, out: int, remaining: int) -> None:
+    """Copy bytes between files in the kernel (copy_file_range), or by reads and writes where it cannot."""
+    try:
+        while remaining:
+            n = os.copy_file_range(src_fd, dst_fd, min(remaining, COPY_CHUNK), offset, out)
+            if n == 0:
+                raise OSError(errno.EIO, "short copy")
+            remaining, offset, out = remaining - n, offset + n, out + n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while remaining:
+            chunk = os.pread(src_fd, min(remaining, COPY_CHUNK), offset)
+            if not chunk:
+                raise OSError(errno.EIO, "short read") from None
+            os.pwrite(dst_fd, chunk, out)
+            remaining, offset, out = remaining - len(chunk), offset + len(chunk), out + len(chunk)
 
 
 class ShardedWriter:
@@ -132,9 +171,11 @@ class ShardedWriter:
             shard.written[name] = shard.written.get(name, 0) + nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor into its planned place."""
         spec = self.specs[name]
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise MergeError(f"internal: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {spec.dtype}{spec.shape}")
+            raise MergeError(f"internal: {name} is {tensor.dtype}{tuple(tensor.shape)}, "
+                             f"planned {spec.dtype}{spec.shape}")
         self.write_part(name, 0, tensor)
 
     def write_part(self, name: str, offset: int, tensor: torch.Tensor) -> None:
@@ -158,22 +199,7 @@ class ShardedWriter:
         fd = self._fd(shard)
         try:
             with open(src, "rb") as s:
-                remaining, offset, out = end - start, start, pos
-                try:
-                    while remaining:
-                        n = os.copy_file_range(s.fileno(), fd, min(remaining, COPY_CHUNK), offset, out)
-                        if n == 0:
-                            raise OSError(errno.EIO, "short copy")
-                        remaining, offset, out = remaining - n, offset + n, out + n
-                except OSError as exc:
-                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    while remaining:
-                        chunk = os.pread(s.fileno(), min(remaining, COPY_CHUNK), offset)
-                        if not chunk:
-                            raise OSError(errno.EIO, "short read") from None
-                        os.pwrite(fd, chunk, out)
-                        remaining, offset, out = remaining - len(chunk), offset + len(chunk), out + len(chunk)
+                _copy_range(s.fileno(), fd, start, pos, end - start)
         except OSError as exc:
             raise _io_error(shard.path, exc) from None
         self._done(shard, name, end - start, pos, fd)
@@ -196,17 +222,13 @@ class ShardedWriter:
                 shard.fd = None
             names.append(shard.path.name)
         if self.is_sharded:
-            index = {"metadata": {**self.metadata, "total_size": self.total_size},
-                     "weight_map": {n: self.tensor_to_shard[n].path.name for n in self.order}}
-            path = self.directory / "model.safetensors.index.json"
-            try:
-                path.write_text(json.dumps(index, indent=2) + "\n")
-            except OSError as exc:
-                raise _io_error(path, exc) from None
-            names.append(path.name)
+            write_index(self.directory, {n: self.tensor_to_shard[n].path.name for n in self.order}, self.total_size,
+                        self.metadata)
+            names.append("model.safetensors.index.json")
         return names
 
     def abort(self) -> None:
+        """Close every shard still open (after a failure; the staging directory is removed by the caller)."""
         for shard in self.shards:
             if shard.fd is not None:
                 try:
@@ -214,3 +236,52 @@ class ShardedWriter:
                 except OSError:
                     pass
                 shard.fd = None
+
+
+# The header of a shard written in order is filled in last (a packed quant_state's length is known only once it is
+# quantized), in a space reserved up front: this many bytes of JSON per tensor beyond its quoted name.
+_ENTRY_BOUND = 160
+
+
+class AppendingShard:
+    """A safetensors file written tensor after tensor, when sizes are known only as each tensor comes
+    (quantized variants); ``names`` bounds the header, whose space is reserved up front."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path = path
+        bound = 64 + sum(len(json.dumps(n)) + _ENTRY_BOUND for n in names)
+        self.reserved = bound + (-(bound + 8) % ALIGN)
+        self.entries: dict = {}
+        self.offset = 0
+        try:
+            self.file = open(path, "wb")
+            self.file.write(b"\0" * (8 + self.reserved))
+        except OSError as exc:
+            raise _io_error(path, exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor after the previous ones."""
+        tensor = tensor.detach().to("cpu").contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        nbytes = tensor.numel() * tensor.element_size()
+        self.entries[name] = _entry(tensor.dtype, tensor.shape, self.offset, self.offset + nbytes)
+        self.offset += nbytes
+        try:
+            self.file.write(memoryview(data))
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+
+    def close(self) -> None:
+        """Write the header into its reserved space, fsync and close."""
+        header = _header(self.entries, self.reserved)
+        try:
+            if len(header) != 8 + self.reserved:
+                raise MergeError(f"internal: safetensors header of {self.path.name} outgrew its reserved space")
+            self.file.seek(0)
+            self.file.write(header)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:
+            raise _io_error(self.path, exc) from None
+        finally:
+            self.file.close()

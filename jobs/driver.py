@@ -33,11 +33,20 @@ if not (sys.stdout.isatty() and sys.stderr.isatty()):
 import ray  # noqa: E402
 
 from converter import publish, sources  # noqa: E402
-from converter.errors import (EXIT_SIGINT, BadInputError, Interrupted, OutputLockedError,  # noqa: E402
-                              interrupts_deferred, signals_ignored, sigterm_interrupts)
+from converter.errors import (  # noqa: E402
+    EXIT_SIGINT,
+    BadInputError,
+    Interrupted,
+    OutputLockedError,
+    interrupts_deferred,
+    signals_ignored,
+    sigterm_interrupts,
+)
+from converter.grouping import group_jobs  # noqa: E402
 from converter.manifest import RUN_LOCK, Manifest, load_manifest  # noqa: E402
 from converter.options import MergeJob  # noqa: E402
 from converter.quantize import variant_dir  # noqa: E402
+from converter.receipt import RECEIPT, Receipt  # noqa: E402
 from jobs.report import Ledger, RunReport  # noqa: E402
 from jobs.tasks import JobRecord  # noqa: E402
 
@@ -60,22 +69,6 @@ def convert_task(jobs_data: list[dict], fault: str | None):
     from jobs.tasks import run_group
 
     yield from run_group(jobs_data, fault, ray.get_runtime_context().get_node_id())
-
-
-def group_jobs(jobs: list[MergeJob], group_size: int) -> list[list[MergeJob]]:
-    """Jobs on the same base (and revision, output dtype, device, verification), up to ``group_size``
-    per group, in manifest order; each group is one task and one pass over the base."""
-    groups: dict[tuple, list[list[MergeJob]]] = {}
-    order: list[list[MergeJob]] = []
-    for job in jobs:
-        key = (str(job.base), job.base_revision, job.base_subfolder, str(job.cache_dir), job.dtype, job.device,
-               job.verify != "none")
-        chunks = groups.setdefault(key, [])
-        if not chunks or len(chunks[-1]) >= group_size:
-            chunks.append([])
-            order.append(chunks[-1])
-        chunks[-1].append(job)
-    return order
 
 
 @contextmanager
@@ -286,9 +279,9 @@ class _Run:
         for job in self.jobs:
             if job.id in self.recorded:
                 continue
-            receipt = publish.read_receipt(job.output)
-            mtime = (job.output / publish.RECEIPT).stat().st_mtime if receipt else 0.0
-            if receipt is not None and receipt.get("status") == "succeeded" and mtime >= self.started_at:
+            receipt = Receipt.read(job.output)
+            mtime = (job.output / RECEIPT).stat().st_mtime if receipt else 0.0
+            if receipt is not None and receipt.status == "succeeded" and mtime >= self.started_at:
                 self._record(None, JobRecord.from_receipt(job, receipt))
                 continue
             for path in [job.output] + [variant_dir(job.output, spec) for spec in job.quantize]:

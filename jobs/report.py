@@ -153,7 +153,7 @@ def _fmt(x, spec: str) -> str:
 
 
 def _variants(variants) -> str:
-    return ", ".join(f"{q['method']} (KL {_fmt(q.get('kl'), '.2g')}, size {_fmt(q.get('size_ratio'), '.2f')}x)"
+    return ", ".join(f"{q.method} (KL {_fmt(q.kl, '.2g')}, size {_fmt(q.size_ratio, '.2f')}x)"
                      for q in variants or []) or "-"
 
 

@@ -16,6 +16,18 @@ from converter.convert import JobResult, iter_convert
 from converter.errors import ConverterError
 from converter.options import MergeJob
 from converter.publish import partial_dir
+from converter.receipt import Receipt
+
+
+@dataclass(frozen=True)
+class VariantFigures:
+    """One quantized variant, as the summary and the ledger show it."""
+
+    method: str
+    path: str
+    kl: float | None
+    top1: float | None
+    size_ratio: float | None
 
 
 @dataclass(frozen=True)
@@ -28,20 +40,18 @@ class Figures:
     top1: float | None = None
     modules_max_rel_err: float | None = None
     note: str | None = None
-    variants: tuple[dict, ...] = ()
+    variants: tuple[VariantFigures, ...] = ()
 
     @classmethod
-    def from_receipt(cls, receipt: dict | None) -> "Figures":
-        if not receipt:
+    def from_receipt(cls, receipt: Receipt | None) -> "Figures":
+        if receipt is None:
             return cls()
-        v = receipt.get("verification") or {}
-        full = v.get("full") or {}
-        modules = v.get("modules") or {}
-        variants = tuple({"method": q.get("method"), "path": q.get("path"), "kl": (q.get("figures") or {}).get("kl"),
-                          "top1": (q.get("figures") or {}).get("top1"), "size_ratio": q.get("size_ratio")}
-                         for q in receipt.get("quantization") or [])
-        return cls(v.get("level"), full.get("max_abs_diff"), full.get("kl"), full.get("top1"),
-                   modules.get("max_rel_err"), v.get("note"), variants)
+        v = receipt.verification
+        variants = tuple(VariantFigures(q.method, q.path, q.figures.kl if q.figures else None,
+                                        q.figures.top1 if q.figures else None, q.size_ratio)
+                         for q in receipt.quantization)
+        return cls(v.level, v.full.max_abs_diff if v.full else None, v.full.kl if v.full else None,
+                   v.full.top1 if v.full else None, v.modules.max_rel_err if v.modules else None, v.note, variants)
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,11 @@ class JobRecord:
         return cls(job.id, str(job.output), "failed", seconds, exit_code=1, error=error, error_type=error_type)
 
     @classmethod
-    def from_receipt(cls, job: MergeJob, receipt: dict) -> "JobRecord":
+    def from_receipt(cls, job: MergeJob, receipt: Receipt) -> "JobRecord":
         """A job whose output was published although its own record never arrived (an interrupted run)."""
-        return cls(job.id, str(job.output), "succeeded", (receipt.get("timings") or {}).get("total_s", 0.0),
-                   fingerprint=receipt.get("fingerprint"), verification=Figures.from_receipt(receipt),
-                   warnings=tuple(receipt.get("warnings") or ()))
+        return cls(job.id, str(job.output), "succeeded", receipt.timings.get("total_s", 0.0),
+                   fingerprint=receipt.fingerprint, verification=Figures.from_receipt(receipt),
+                   warnings=tuple(receipt.warnings))
 
 
 def run_group(jobs_data: list[dict], fault: str | None = None, node_id: str | None = None) -> Iterator[JobRecord]:
@@ -96,9 +106,10 @@ def _record(job: MergeJob, outcome: JobResult | Exception, seconds: float, node_
         return JobRecord(job.id, str(job.output), "failed", seconds, exit_code=1,
                          error=f"{type(outcome).__name__}: {outcome}", error_type=type(outcome).__name__,
                          traceback="".join(traceback.format_exception(outcome, limit=8)), **where)
-    receipt = outcome.receipt or {}
-    return JobRecord(job.id, str(job.output), outcome.status, seconds, fingerprint=receipt.get("fingerprint"),
-                     verification=Figures.from_receipt(receipt), warnings=tuple(outcome.warnings), **where)
+    receipt = outcome.record
+    return JobRecord(job.id, str(job.output), outcome.status, seconds,
+                     fingerprint=receipt.fingerprint if receipt else None, verification=Figures.from_receipt(receipt),
+                     warnings=tuple(outcome.warnings), **where)
 
 
 def _arm_fault(job: MergeJob, fault: str | None) -> None:

@@ -199,12 +199,12 @@ def test_write_failure_at_each_step(pair, tmp_path, step, err, words, monkeypatc
 
 
 def test_unexpected_error_is_one_screen(pair, tmp_path, monkeypatch, capfd):
-    import converter.convert as convert
+    import converter.inputs as inputs
 
     def broken(*args, **kwargs):
         raise ValueError("a bug in the planner")
 
-    monkeypatch.setattr(convert, "build_plan", broken)
+    monkeypatch.setattr(inputs, "build_plan", broken)
     err = failing(capfd, 1, *merge_args(pair, tmp_path / "out"))
     assert "unexpected ValueError: a bug in the planner" in err and "CONVERTER_DEBUG=1" in err
     assert len(err.strip().splitlines()) <= 3

@@ -231,7 +231,7 @@ BLOCKING_MERGE = textwrap.dedent("""
     def blocked(*args, **kwargs):  # the merge is written; hold here until a signal comes
         marker.write_text("merging")
         time.sleep(120)
-    convert._verify = blocked
+    convert.verify_job = blocked
     from converter.cli import main
     sys.exit(main(sys.argv[2:]))
 """)

@@ -1,0 +1,177 @@
+"""What a job's inputs are, learnt before any work: sources resolved, adapter read and checked,
+the merge planned, the output dtype and the fingerprint. ``inspect_job`` writes nothing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from converter import publish, quantize, sources
+from converter.adapter import Adapter, check_finite, load_adapter
+from converter.checkpoint import Checkpoint, quantization_format
+from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
+from converter.modelinfo import ModelInfo, base_config, describe
+from converter.options import DTYPES, MergeJob
+from converter.plan import MergePlan, build_plan, needs_peft_engine
+from converter.resources import resolve_device
+from converter.sources import Resolved
+
+ENGINE_VERSION = 1  # part of every fingerprint: a change that alters outputs bumps it
+
+
+@dataclass
+class Inputs:
+    """Everything learnt before any work starts."""
+
+    adapter: Adapter
+    base: Checkpoint
+    info: ModelInfo
+    plan: MergePlan | None  # None: PEFT's engine merges this adapter
+    engine: str  # "streaming" | "peft"
+    engine_reason: str | None
+    out_dtype: torch.dtype
+    fingerprint: str
+    warnings: list[JobWarning]
+    base_src: Resolved
+    adapter_src: Resolved
+    adapter_hashes: dict[str, str]  # sha256 of every adapter file
+    mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
+
+
+@dataclass
+class Ready:
+    """A job that passed every check and has work to do; ``timings`` fills in as it goes."""
+
+    index: int
+    job: MergeJob
+    inputs: Inputs
+    variants: list  # (QuantSpec, variant directory)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def partial(self) -> Path:
+        """The staging directory of the job's output."""
+        return publish.partial_dir(self.job.output)
+
+    def own_seconds(self, finish_started: float) -> float:
+        """This job's own time: its checks, its share of the merge pass, and its steps since ``finish_started``."""
+        share = self.timings.get("merge_share_s", 0.0)
+        return round(self.timings["inspect_s"] + share + time.perf_counter() - finish_started, 3)
+
+
+def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
+    """Every check that needs no writing, in order; the first problem found fails the job (BadInputError).
+
+    ``metadata_only`` (validate, inspect): a hub base is read through its safetensors headers
+    alone when the hub can be reached, without downloading its weights.
+    """
+    base_src, base = sources.open_base(job.base, job.base_revision, job.base_subfolder, job.cache_dir,
+                                       job.trust_remote_code, metadata_only)
+    _refuse_quantized(job, base_src, base)
+    adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
+    adapter = load_adapter(adapter_src.path)
+    mismatch = base_mismatch(adapter.config, base_src)
+    if mismatch and not job.allow_base_mismatch:
+        raise AdapterMismatchError(mismatch, hint="merge into the base the adapter was trained on, or set "
+                                   "allow_base_mismatch (--allow-base-mismatch) if you know they match")
+    info = describe(base_src.path, list(base.specs), job.trust_remote_code)
+    nonfinite = check_finite(adapter)
+    if nonfinite:
+        raise BadInputError(f"adapter tensor(s) hold NaN or infinite values: {', '.join(nonfinite[:10])}",
+                            hint="the adapter is broken (diverged training?): use an earlier checkpoint")
+    engine_reason = needs_peft_engine(adapter)
+    plan = None if engine_reason else build_plan(adapter, base, info)
+    resolve_device(job.device)
+    _check_quantize(job, info)
+    adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
+    warnings = _unchecked_revision(adapter, base_src) + (zero_delta_warnings(adapter, plan) if plan else [])
+    return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
+                  output_dtype(job.dtype, base), fingerprint(job, base_src, base, adapter_hashes), warnings, base_src,
+                  adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)
+
+
+def _refuse_quantized(job: MergeJob, base_src: Resolved, base: Checkpoint) -> None:
+    quantized = quantization_format(base_config(base_src.path), base.specs)
+    if quantized:
+        raise UnsupportedBaseError(
+            f"base {job.base} is stored quantized ({quantized}): its tensors are quantization codes and scales, "
+            "not weights, and converter cannot decode this format yet",
+            hint="merge into the unquantized release of this base (the bfloat16/float16 checkpoint it was "
+                 "quantized from); a QLoRA adapter merges into it as it is")
+
+
+def _check_quantize(job: MergeJob, info: ModelInfo) -> None:
+    if not job.quantize:
+        return
+    quantize.check_available(job.quantize)
+    if not info.instantiable:
+        raise BadInputError(f"--quantize {' '.join(str(q) for q in job.quantize)}: a quantized variant is loaded "
+                            f"through transformers, which cannot build this model ({info.note})",
+                            hint="drop --quantize for this base, or pass --trust-remote-code if it ships its code")
+
+
+def fingerprint(job: MergeJob, base_src: Resolved, base: Checkpoint, adapter_hashes: dict[str, str]) -> str:
+    """The hash of what decides the output: options, engine version, base files, base config, adapter files."""
+    config = base_src.path / "config.json"
+    return publish.fingerprint({
+        "engine_version": ENGINE_VERSION,
+        "options": job.fingerprint_options(),
+        # hub blobs never change under a commit sha; local files are known by size and modification time
+        "base": ({"repo": base_src.repo, "sha": base_src.sha, "files": sorted(p.name for p in base.files)}
+                 if base_src.is_hub else [publish.file_identity(p) for p in base.files]),
+        "base_config": publish.sha256_file(config) if config.is_file() else None,
+        "adapter": adapter_hashes,
+    })
+
+
+def base_mismatch(adapter_config: dict, base: Resolved) -> str | None:
+    """Why the base differs from the one the adapter records (revision, repo), or None."""
+    recorded = adapter_config.get("revision")
+    asked = [r for r in (base.revision, base.sha) if r]
+    if recorded and asked and not any(r == recorded or (base.sha and base.sha.startswith(recorded)) for r in asked):
+        shown = base.revision or base.sha
+        if base.sha and base.sha != shown:
+            shown += f" (commit {base.sha})"
+        return (f"the adapter was trained on base revision {recorded} (adapter_config.json `revision`) but the base "
+                f"is revision {shown}")
+    name = adapter_config.get("base_model_name_or_path")
+    if base.is_hub and name and sources.REPO_ID.match(str(name)) and name != base.repo:
+        return (f"the adapter was trained on {name} (adapter_config.json `base_model_name_or_path`) but the base is "
+                f"{base.repo}")
+    return None
+
+
+def output_dtype(requested: str, base: Checkpoint) -> torch.dtype:
+    """The output dtype: the one asked for, or (auto) the dtype holding most of the base's floating-point bytes."""
+    if requested != "auto":
+        return DTYPES[requested]
+    by_dtype: dict[torch.dtype, int] = {}
+    for spec in base.specs.values():
+        if spec.dtype.is_floating_point:
+            by_dtype[spec.dtype] = by_dtype.get(spec.dtype, 0) + spec.nbytes
+    return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+
+
+def _unchecked_revision(adapter: Adapter, base: Resolved) -> list[JobWarning]:
+    recorded = adapter.config.get("revision")
+    if not recorded or base.revision or base.sha:
+        return []
+    return [JobWarning("unchecked-revision", f"the adapter records base revision {recorded} but the base's revision is "
+                       "unknown (a local directory): not checked; pass --base-revision to check it")]
+
+
+def zero_delta_warnings(adapter: Adapter, plan: MergePlan) -> list[JobWarning]:
+    """Warnings for LoRA modules whose lora_B (or lora_A) is all zeros: all of them, or some."""
+    zero = [m for m, op in plan.modules.items()
+            if not bool(adapter.get(op.b_key).any()) or not bool(adapter.get(op.a_key).any())]
+    others = [t for t in plan.tensors.values() if t.replace_key or t.rows_key or t.bias_key]
+    if plan.modules and len(zero) == len(plan.modules) and not others:
+        return [JobWarning("all-deltas-zero", f"the adapter changes nothing: lora_B (or lora_A) is all zeros in all "
+                           f"{len(zero)} modules (an untrained adapter, or one saved before training)")]
+    if zero:
+        return [JobWarning("some-deltas-zero", f"{len(zero)} of {len(plan.modules)} LoRA modules have all-zero deltas: "
+                           f"{', '.join(zero[:8])}")]
+    return []
