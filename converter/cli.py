@@ -13,6 +13,7 @@ from converter.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_SIGINT,
+    BadInputError,
     ConverterError,
     Interrupted,
     sigterm_interrupts,
@@ -79,7 +80,6 @@ def merge(**kw) -> None:
     from pydantic import ValidationError
 
     from converter.convert import convert
-    from converter.errors import BadInputError
     from converter.options import MergeJob
 
     try:
@@ -163,7 +163,14 @@ def lock(manifest: str) -> None:
 def run(manifest: str, ray_address: str | None, max_concurrent: int | None, group_size: int, force: bool) -> None:
     """Convert every job of MANIFEST on Ray; re-runs skip what is done."""
     # The Ray driver lives in jobs/, the only package that imports ray; merge/inspect never load it.
-    from jobs.driver import run_manifest
+    try:
+        from jobs.driver import run_manifest
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise BadInputError("`converter run` runs its jobs on Ray, which is not installed here",
+                            hint="pip install ray (converter's own install brings it), or convert one pair "
+                                 "with `converter merge`") from None
 
     code = run_manifest(manifest, ray_address=ray_address, max_concurrent=max_concurrent, force=force,
                         group_size=group_size)

@@ -268,3 +268,15 @@ def test_quantized_base_is_refused(pair, tmp_path, kind, needle, capfd):
     err = failing(capfd, 2, "validate", manifest)
     assert "job q:" in err and needle in err
     assert digest(base, pair) == before
+
+
+def test_run_without_ray_is_one_clean_message(pair, tmp_path, monkeypatch, capfd):
+    """`converter run` where Ray is not installed (a GPU image without it, say): exit 2, naming the fix."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "jobs.driver", raising=False)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"output_root": "o", "jobs": [
+        {"id": "a", "base": {"path": str(pair / "base")}, "adapter": {"path": str(pair / "adapter")}, "output": "a"}]}))
+    err = failing(capfd, 2, "run", manifest)
+    assert "Ray, which is not installed" in err and "pip install ray" in err
+    assert not (tmp_path / "o").exists()
