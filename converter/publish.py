@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -237,20 +238,25 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-@contextmanager
 def output_lock(out: Path):
     """One writer per output: a second one (another ``converter merge`` or run on this output) is refused,
-    naming the holder. The lock dies with its process; its file is removed when released."""
-    path = lock_path(out)
+    naming the holder."""
+    return exclusive(lock_path(out), lambda holder: OutputLockedError(
+        f"output {out} is being written by another converter process ({holder})",
+        hint="wait for it to finish, or choose another --output"))
+
+
+@contextmanager
+def exclusive(path: Path, refusal: Callable[[str], Exception]):
+    """Hold the lock file ``path`` while the block runs; when another process holds it, raise ``refusal(holder)``.
+    The lock dies with its process; its file is removed when released."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path)
     except OSError as exc:
-        raise write_failure(exc, "creating the output's lock file") from None
+        raise write_failure(exc, "creating the lock file") from None
     if fd is None:
-        holder = _read_holder(path)
-        raise OutputLockedError(f"output {out} is being written by another converter process ({holder})",
-                                hint="wait for it to finish, or choose another --output")
+        raise refusal(_read_holder(path))
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {dt.datetime.now():%Y-%m-%d %H:%M:%S}"

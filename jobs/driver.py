@@ -16,12 +16,10 @@ and the run exits 130 or 143.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,26 +69,11 @@ def convert_task(jobs_data: list[dict], fault: str | None):
     yield from run_group(jobs_data, fault, ray.get_runtime_context().get_node_id())
 
 
-@contextmanager
 def output_lock(root: Path):
     """One run at a time per output root; a second one is refused clearly (the lock dies with its process)."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / RUN_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = path.read_text().strip() or "another process"
-        raise RunLockedError(f"output root {root} is being written by another `converter run` ({holder})",
-                             hint="wait for it to finish, or use another output_root") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode())
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return publish.exclusive(root / RUN_LOCK, lambda holder: RunLockedError(
+        f"output root {root} is being written by another `converter run` ({holder})",
+        hint="wait for it to finish, or use another output_root"))
 
 
 def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
