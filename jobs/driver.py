@@ -130,7 +130,7 @@ class _Task:
     """A submitted group and the jobs of it that have not reported yet."""
 
     group: list[MergeJob]
-    pending: dict[str, MergeJob] = field(default_factory=dict)
+    pending: dict[str, MergeJob] = field(init=False)
 
     def __post_init__(self):
         self.pending = {job.id: job for job in self.group}
@@ -267,20 +267,23 @@ class _Run:
             if receipt is not None and receipt.status == "succeeded" and mtime >= self.started_at:
                 self._record(None, JobRecord.from_receipt(job, receipt))
                 continue
-            for path in [job.output] + [variant_dir(job.output, spec) for spec in job.quantize]:
-                self._remove_leftovers(path)
+            self._remove_leftovers(job)
 
-    def _remove_leftovers(self, out: Path) -> None:
+    def _remove_leftovers(self, job: MergeJob) -> None:
+        """What the job left of its output and its variants, under the job's own output lock (as the job
+        itself removes them)."""
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                with publish.output_lock(out):
-                    for path in publish.remove_leftovers(out):
-                        self.report.say(f"removed unfinished {path}")
+                with publish.output_lock(job.output):
+                    removed = [p for out in [job.output] + [variant_dir(job.output, spec) for spec in job.quantize]
+                               for p in publish.remove_leftovers(out)]
+                for path in removed:
+                    self.report.say(f"removed unfinished {path}")
                 return
             except OutputLockedError:
                 if time.monotonic() >= deadline:
-                    self.report.say(f"left {publish.partial_dir(out)}: its job still holds the lock; a re-run "
-                                    "removes it")
+                    self.report.say(f"left what job {job.id} did not finish: it still holds the lock on "
+                                    f"{job.output}; a re-run removes it")
                     return
                 time.sleep(0.2)

@@ -43,9 +43,9 @@ class RunReport:
     """Progress as jobs finish, then the summary. On a terminal: a live bar with the job lines above it;
     elsewhere (a file, CI, ``ray job submit`` logs): the same lines, plain, flushed as they happen."""
 
-    def __init__(self, output_root: Path, total: int, console: Console | None = None):
+    def __init__(self, output_root: Path, total: int):
         self.tty = sys.stdout.isatty()
-        self.console = console or Console(no_color=not self.tty, highlight=False, soft_wrap=not self.tty)
+        self.console = Console(highlight=False)  # on a terminal only; elsewhere lines are printed plain
         self.output_root, self.total = output_root, total
         self.records: list[JobRecord] = []
         self.t0 = time.perf_counter()
