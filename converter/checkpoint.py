@@ -190,6 +190,8 @@ def weight_files(directory: Path) -> list[Path]:
 class Checkpoint:
     """The tensors of one model directory, read lazily."""
 
+    readable = True  # False: names, dtypes and shapes only (a hub base's headers)
+
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.files = weight_files(self.directory)
@@ -218,6 +220,7 @@ class Checkpoint:
         ckpt.files = sorted({s.file for s in specs})
         ckpt.specs = {s.name: s for s in specs}
         ckpt._bins = {}
+        ckpt.readable = False
         return ckpt
 
     def __contains__(self, name: str) -> bool:
@@ -229,6 +232,11 @@ class Checkpoint:
         if spec.file in self._bins:
             return self._bins[spec.file][name]
         return read_range(spec)
+
+    def read_order(self, name: str) -> tuple[str, int]:
+        """Where the tensor's bytes lie, to read the base in file order."""
+        spec = self.specs[name]
+        return str(spec.file), spec.start or 0
 
     def fp32_bytes(self) -> int:
         """The model's size in float32, as verification and quantization figures hold it."""

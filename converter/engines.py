@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from converter.codecs import DecodedCheckpoint
+from converter.codecs.kept import KeptFormatWriter, Requantized
 from converter.errors import JobWarning, MergeError
 from converter.inputs import Ready
 from converter.merge import Member, MergeStats, output_specs, stream_merge_many
@@ -30,6 +32,8 @@ class Merged:
     probes: MergeStats | None  # module probes; None where PEFT's engine merged
     peak_rss: int = 0
     warnings: list[JobWarning] = field(default_factory=list)
+    quantization_config: dict | None = None  # the base's, where the output keeps its quantized format
+    requantized: Requantized | None = None  # the re-encoded weights against the dense merge
 
 
 Outcomes = dict[int, "Merged | Exception"]  # by job index
@@ -38,8 +42,7 @@ Outcomes = dict[int, "Merged | Exception"]  # by job index
 def merge_streaming(members: list[Ready], device: torch.device) -> Outcomes:
     """One pass over the members' shared base; each output written tensor by tensor into its staging directory."""
     first = members[0]
-    writers = [ShardedWriter(r.partial, output_specs(r.inputs.plan, r.inputs.out_dtype), r.job.max_shard_size)
-               for r in members]
+    writers = [_writer(r) for r in members]
     try:
         run = [Member(r.inputs.plan, r.inputs.adapter, w) for r, w in zip(members, writers)]
         stream_merge_many(first.inputs.base, run, first.inputs.out_dtype, device, probe=first.job.verify != "none")
@@ -47,6 +50,14 @@ def merge_streaming(members: list[Ready], device: torch.device) -> Outcomes:
     finally:
         for w in writers:
             w.abort()
+
+
+def _writer(r: Ready) -> "ShardedWriter | KeptFormatWriter":
+    """The output's writer: the base's quantized format under --keep-quantization, else plain dense shards."""
+    inputs = r.inputs
+    if r.job.keep_quantization and isinstance(inputs.base, DecodedCheckpoint):
+        return KeptFormatWriter(r.partial, inputs.plan, inputs.out_dtype, inputs.base, r.job.max_shard_size)
+    return ShardedWriter(r.partial, output_specs(inputs.plan, inputs.out_dtype), r.job.max_shard_size)
 
 
 def _finished(r: Ready, m: Member) -> "Merged | Exception":
@@ -66,7 +77,9 @@ def _finished(r: Ready, m: Member) -> "Merged | Exception":
             return MergeError(msg + " (--strict)")
         if not any(w.code == "all-deltas-zero" for w in r.inputs.warnings):
             warnings.append(JobWarning("output-unchanged", msg))
-    return Merged(counts, plan.vocab_size, plan.untie, m.stats, peak_rss_bytes(), warnings)
+    kept = m.writer if isinstance(m.writer, KeptFormatWriter) else None
+    return Merged(counts, plan.vocab_size, plan.untie, m.stats, peak_rss_bytes(), warnings,
+                  kept.codec.output_config() if kept else None, kept.requantized if kept else None)
 
 
 def merge_with_peft(members: list[Ready], device: torch.device) -> Outcomes:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from converter import publish, quantize, sources
+from converter import codecs, publish, quantize, sources
 from converter.adapter import Adapter, check_finite, load_adapter
-from converter.checkpoint import Checkpoint, quantization_format
+from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
 from converter.modelinfo import ModelInfo, base_config, describe
 from converter.options import DTYPES, MergeJob
@@ -39,6 +39,12 @@ class Inputs:
     adapter_src: Resolved
     adapter_hashes: dict[str, str]  # sha256 of every adapter file
     mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
+
+
+    @property
+    def codec(self) -> codecs.Codec | None:
+        """The codec a quantized base is decoded with; None for plain weights."""
+        return self.base.codec if isinstance(self.base, codecs.DecodedCheckpoint) else None
 
 
 @dataclass
@@ -70,7 +76,10 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     """
     base_src, base = sources.open_base(job.base, job.base_revision, job.base_subfolder, job.cache_dir,
                                        job.trust_remote_code, metadata_only)
-    _refuse_quantized(job, base_src, base)
+    base = codecs.decoded(base, base_config(base_src.path), job.base)  # quantized codes are never weights
+    if job.keep_quantization and job.quantize and isinstance(base, codecs.DecodedCheckpoint):
+        raise BadInputError(f"--keep-quantization writes the output as {base.codec.label}; --quantize variants are "
+                            "made from a dense output", hint="drop one of --keep-quantization and --quantize")
     adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
     adapter = load_adapter(adapter_src.path)
     mismatch = base_mismatch(adapter.config, base_src)
@@ -83,6 +92,9 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
         raise BadInputError(f"adapter tensor(s) hold NaN or infinite values: {', '.join(nonfinite[:10])}",
                             hint="the adapter is broken (diverged training?): use an earlier checkpoint")
     engine_reason = needs_peft_engine(adapter)
+    if engine_reason and isinstance(base, codecs.DecodedCheckpoint):
+        raise UnsupportedBaseError(f"{engine_reason}, which merges into the base as transformers loads it; the base "
+                                   f"is stored as {base.codec.label}", hint=codecs.DEQUANTIZE_FIX)
     plan = None if engine_reason else build_plan(adapter, base, info)
     resolve_device(job.device)
     _check_quantize(job, info)
@@ -91,16 +103,6 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
                   output_dtype(job.dtype, base), fingerprint(job, base_src, base, adapter_hashes), warnings, base_src,
                   adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)
-
-
-def _refuse_quantized(job: MergeJob, base_src: Resolved, base: Checkpoint) -> None:
-    quantized = quantization_format(base_config(base_src.path), base.specs)
-    if quantized:
-        raise UnsupportedBaseError(
-            f"base {job.base} is stored quantized ({quantized}): its tensors are quantization codes and scales, "
-            "not weights, and converter cannot decode this format yet",
-            hint="merge into the unquantized release of this base (the bfloat16/float16 checkpoint it was "
-                 "quantized from); a QLoRA adapter merges into it as it is")
 
 
 def _check_quantize(job: MergeJob, info: ModelInfo) -> None:

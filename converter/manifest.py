@@ -63,6 +63,7 @@ class JobOptions(BaseModel):
     trust_remote_code: bool | None = None
     allow_base_mismatch: bool | None = None
     strict: bool | None = None
+    keep_quantization: bool | None = None
     max_logit_diff: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None

@@ -195,8 +195,7 @@ def _schedule(base: Checkpoint, members: list[Member], out_dtype: torch.dtype, e
     steps = []
     for source, uses in by_source.items():
         steps += _steps_of(source, base.specs.get(source), uses, elems)
-    order = {name: (str(s.file), s.start or 0) for name, s in base.specs.items()}
-    steps.sort(key=lambda st: order.get(st.source, ("", 0)))
+    steps.sort(key=lambda st: base.read_order(st.source) if st.source in base.specs else ("", 0))
     return steps + alone
 
 

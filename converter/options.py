@@ -35,6 +35,7 @@ class MergeJob(BaseModel):
     quantize: tuple[QuantSpec, ...] = ()
     force: bool = False
     strict: bool = False
+    keep_quantization: bool = False  # a quantized base's output stays in its format (else: dense, in --dtype)
     trust_remote_code: bool = False
     allow_base_mismatch: bool = False
     max_logit_diff: float | None = None
@@ -80,6 +81,6 @@ class MergeJob(BaseModel):
 
     def fingerprint_options(self) -> dict:
         """The options that change what is written (not --force, not where it goes)."""
-        return self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
+        return self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict", "keep_quantization",
                                                      "allow_base_mismatch", "max_logit_diff",
                                                      "max_kl", "min_top1"})

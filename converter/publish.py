@@ -79,10 +79,19 @@ def copy_non_weight_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> l
     return kept
 
 
-def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int | None, untie: bool) -> dict:
-    """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings); returns it."""
+QUANTIZATION_KEYS = ("quantization_config", "compression_config")
+
+
+def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int | None, untie: bool,
+                 quantization_config: dict | None = None) -> dict:
+    """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings, quantization); returns it."""
     config = json.loads(json.dumps(config))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
+    for scope in (config, text or {}):  # the weights are dense: a quantized base's codes were decoded
+        for key in QUANTIZATION_KEYS:
+            scope.pop(key, None)
+    if quantization_config is not None:  # --keep-quantization: stored in the base's own format
+        config["quantization_config"] = quantization_config
     key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[key] = dtype_name
     if text is not None and ("dtype" in text or "torch_dtype" in text):

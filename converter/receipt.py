@@ -39,6 +39,24 @@ class Counts(_Part):
     changed: int
 
 
+class Requantization(_Part):
+    """Weights re-encoded in the base's format (--keep-quantization), against the dense merge they came from."""
+
+    tensors: int
+    max_rel_err: float  # max over weights of max |decode(encode(W')) − W'| / max |W'|
+
+
+class BaseFormat(_Part):
+    """A quantized base: the codec that decoded it, what the merge targeted and what the output is."""
+
+    quant_method: str
+    codec: str
+    decoded: int  # weights stored quantized, decoded by the codec
+    merge_target: str = "the dequantized weights (what the adapter saw in training), never the codes"
+    output: str  # "dense" (in the output dtype, no quantization_config) | "kept" (the base's own format)
+    requantized: Requantization | None = None
+
+
 class Source(_Part):
     """Where a base or an adapter came from, and the sha256 of each of its weight files."""
 
@@ -48,6 +66,7 @@ class Source(_Part):
     sha: str | None = None
     path: str | None = None
     files: dict[str, str] = Field(default_factory=dict)
+    format: BaseFormat | None = None  # a base stored quantized
 
 
 class AdapterSource(Source):
@@ -178,7 +197,8 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
     config = inputs.adapter.config
     return Receipt(
         job_id=job.id, status="succeeded", fingerprint=inputs.fingerprint, engine=inputs.engine,
-        engine_reason=inputs.engine_reason, base=Source(**_source(inputs.base_src), files=base_files),
+        engine_reason=inputs.engine_reason,
+        base=Source(**_source(inputs.base_src), files=base_files, format=_base_format(inputs, merged)),
         allow_base_mismatch=job.allow_base_mismatch, base_mismatch=inputs.mismatch,
         adapter=AdapterSource(**_source(inputs.adapter_src), recorded_base_revision=config.get("revision"),
                               files=inputs.adapter_hashes, peft_type=inputs.adapter.peft_type,
@@ -188,6 +208,16 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
         warnings=[str(w) for w in warnings], versions=versions(),
         host={"hostname": socket.gethostname(), "device": str(resolve_device(job.device))},
         peak_rss_bytes={"merge": merged.peak_rss, "total": peak_rss_bytes()}, timings=timings)
+
+
+def _base_format(inputs: "Inputs", merged: "Merged") -> BaseFormat | None:
+    codec = inputs.codec
+    if codec is None:
+        return None
+    kept = merged.requantized
+    return BaseFormat(quant_method=codec.method, codec=codec.label, decoded=len(inputs.base.stored),
+                      output="kept" if merged.quantization_config is not None else "dense",
+                      requantized=Requantization(tensors=kept.tensors, max_rel_err=kept.max_rel_err) if kept else None)
 
 
 def dtype_name(dtype) -> str:

@@ -53,9 +53,11 @@ class Tolerance:
     max_abs_diff: float | None = None  # absolute bound, when the user sets one
 
     @classmethod
-    def for_dtype(cls, dtype: torch.dtype, max_abs_diff=None, max_kl=None, min_top1=None) -> "Tolerance":
-        """The defaults for an output dtype, with the bounds the user set."""
-        base = TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
+    def for_dtype(cls, dtype: torch.dtype, max_abs_diff=None, max_kl=None, min_top1=None,
+                  kept: dict | None = None) -> "Tolerance":
+        """The defaults for an output dtype (``kept``: an output re-encoded in its base's quantized format), with
+        the bounds the user set."""
+        base = kept or TOLERANCES.get(dtype, TOLERANCES[torch.bfloat16])
         return cls(base["max_rel_diff"], base["max_kl"] if max_kl is None else max_kl,
                    base["min_top1"] if min_top1 is None else min_top1, max_abs_diff)
 
@@ -138,10 +140,12 @@ def verify_job(job: "MergeJob", inputs: "Inputs", merged_dir: Path, probes, voca
         log.warning(skipped)
         return done.model_copy(update={"note": skipped})
     t = time.perf_counter()
+    kept = job.keep_quantization and inputs.codec is not None  # the output is in the base's quantized format
     figures = full_verification(inputs.info.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
-                                vocab_size, job.trust_remote_code)
+                                vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept)
     timings["verify_s"] = round(time.perf_counter() - t, 3)
-    tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1)
+    tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1,
+                              inputs.codec.kept_tolerance if kept else None)
     failures = judge(figures, tol)
     if failures:
         raise VerificationError(f"the merged model's outputs differ from the unmerged adapter's: "
@@ -163,6 +167,9 @@ def _why_not_full(inputs: "Inputs", model_fits: bool) -> str | None:
         return f"full verification skipped, modules only: {inputs.info.note}"
     if not model_fits:
         return "full verification skipped, modules only: the model does not fit this worker's memory"
+    unloadable = inputs.codec.unloadable(inputs.base.stored) if inputs.codec else None
+    if unloadable:
+        return f"full verification skipped, modules only: {unloadable}"
     return None
 
 
@@ -218,14 +225,16 @@ def judge(figures: Figures, tol: Tolerance) -> list[str]:
 
 
 def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: Path, vocab_size: int | None,
-                      trust_remote_code: bool = False) -> Figures:
-    """Figures of the merged checkpoint (loaded as a user would) against the unmerged PeftModel."""
+                      trust_remote_code: bool = False, quantized: bool = False, kept: bool = False) -> Figures:
+    """Figures of the merged checkpoint (loaded as a user would) against the unmerged PeftModel (on the base as
+    transformers loads it; a ``quantized`` base dequantized by transformers: the weights the adapter saw)."""
     from peft import PeftModel
 
     kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = model_cls.from_pretrained(base_dir, **kw).eval()
+        base = (dequantized_model(model_cls, base_dir, kw) if quantized else model_cls.from_pretrained(base_dir, **kw))
+        base = base.eval()
         if vocab_size is not None and base.get_input_embeddings().weight.shape[0] != vocab_size:
             base.resize_token_embeddings(vocab_size)
         unmerged = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -233,11 +242,31 @@ def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: 
         ref, is_logits = model_outputs(unmerged, inputs)
         del unmerged, base
         gc.collect()
-        merged = model_cls.from_pretrained(merged_dir, **kw).eval()
+        merged = (dequantized_model(model_cls, merged_dir, kw) if kept else
+                  model_cls.from_pretrained(merged_dir, **kw)).eval()
         got, _ = model_outputs(merged, inputs)
         del merged
         gc.collect()
     return compare(ref, got, is_logits)
+
+
+def dequantized_model(model_cls, model_dir: Path, kw: dict):
+    """A quantized checkpoint as transformers loads it, dequantized by transformers itself (bitsandbytes'
+    ``dequantize()``; FP8 with ``dequantize=True``), in float32: an oracle independent of our codecs."""
+    from converter.codecs import quant_config_of
+    from converter.modelinfo import base_config
+
+    qc = quant_config_of(base_config(model_dir)) or {}
+    if qc.get("quant_method") == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        fp8 = FineGrainedFP8Config(dequantize=True, **{k: v for k, v in qc.items() if k in FP8_CONFIG_KEYS})
+        return model_cls.from_pretrained(model_dir, quantization_config=fp8, **kw)
+    model = model_cls.from_pretrained(model_dir, **kw)
+    return model.dequantize().float() if getattr(model, "hf_quantizer", None) is not None else model
+
+
+FP8_CONFIG_KEYS = ("activation_scheme", "weight_block_size", "scale_fmt", "modules_to_not_convert")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,52 @@ def peft_oracle(base_dir: Path, adapter_dir: Path, cls=None, dtype=torch.float32
     return unmerged, merged, {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+def fp8_block_scaled(src: Path, dst: Path, block: tuple[int, int] | None = (128, 128), with_config: bool = True,
+                     names: str = "_proj.weight") -> Path:
+    """A copy of ``src`` in the layout of DeepSeek-V3 / Qwen3 FP8 releases: linear weights as float8_e4m3fn codes with
+    float32 ``weight_scale_inv`` per ``block`` (the last block of a row or column may be partial; None: one scale
+    per tensor), quantized here block by block, as DeepSeek's ``weight_quant`` does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(names)]:
+        w = tensors[name].float()
+        b0, b1 = block or w.shape
+        rows, cols = -(-w.shape[0] // b0), -(-w.shape[1] // b1)
+        scale = torch.empty(rows, cols) if block else torch.empty(())
+        codes = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+        for i in range(rows):
+            for j in range(cols):
+                tile = w[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+                s = float(tile.abs().max()) / 448.0 or 1.0
+                scale[(i, j) if block else ()] = s
+                codes[i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = (tile / s).to(torch.float8_e4m3fn)
+        tensors[name] = codes
+        tensors[name.replace(".weight", ".weight_scale_inv")] = scale
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if with_config:
+        config = json.loads((dst / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                         "weight_block_size": list(block) if block else None}
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def bnb_quantized(src: Path, dst: Path, bits: int, quant_type: str = "nf4", double_quant: bool = False,
+                  dtype=torch.bfloat16) -> Path:
+    """A copy of ``src`` quantized by transformers with bitsandbytes and saved with its own ``save_pretrained``."""
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype)
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=dtype).save_pretrained(dst)
+    return dst
+
+
 def read_output(out_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint directory."""
     from safetensors.torch import load_file
@@ -192,7 +238,9 @@ __all__ = [
     "MINILM_DIR",
     "assert_state_dicts_match",
     "same_as_peft",
+    "bnb_quantized",
     "build",
+    "fp8_block_scaled",
     "forward_logits",
     "load_base",
     "make_adapter",

@@ -1,6 +1,6 @@
 """Every failure a one-screen message with the problem and the fix, and its documented exit code:
 malformed configs, an unreachable hub, a missing local path, a full disk or a refused write at
-each step, a quantized base, a bug. Never a traceback; nothing written; inputs unchanged."""
+each step, a bug. Never a traceback; nothing written; inputs unchanged."""
 
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 
 from factories import build, make_adapter, run_converter, save_base, tiny_llama_config
 from test_inputs_sacred import digest
@@ -211,63 +209,6 @@ def test_unexpected_error_is_one_screen(pair, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("CONVERTER_DEBUG", "1")
     with pytest.raises(ValueError, match="a bug in the planner"):
         run_converter(*merge_args(pair, tmp_path / "out"))
-
-
-# -- quantized bases: refused before any work (until a codec reads them) -----------------------------------------
-
-
-def fp8_block_scaled(src: Path, dst: Path, with_config: bool = True) -> Path:
-    """The layout of DeepSeek-V3 / Qwen3 FP8 releases: float8_e4m3fn linear weights with 128x128 block scales."""
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    for name in [n for n in tensors if n.endswith("_proj.weight")]:
-        w = tensors[name]
-        rows, cols = -(-w.shape[0] // 128), -(-w.shape[1] // 128)
-        scale = torch.full((rows, cols), float(w.abs().max()) / 448.0)
-        tensors[name] = (w / scale[0, 0]).to(torch.float8_e4m3fn)
-        tensors[name.replace(".weight", ".weight_scale_inv")] = scale
-    save_file(tensors, dst / "model.safetensors")
-    if with_config:
-        config = json.loads((dst / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
-                                         "activation_scheme": "dynamic", "fmt": "e4m3"}
-        (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
-def bnb_quantized(src: Path, dst: Path, bits: int) -> Path:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True,
-                                                                                   bnb_4bit_quant_type="nf4")
-    AutoModelForCausalLM.from_pretrained(src, quantization_config=q).save_pretrained(dst)
-    return dst
-
-
-@pytest.mark.parametrize("kind, needle", [
-    ("fp8", "quant_method fp8, block-scaled [128, 128]"),
-    ("fp8-no-config", "fp8 block-scaled (tensor model.layers.0"),
-    ("bnb-8bit", "quant_method bitsandbytes, 8-bit"),
-    ("bnb-4bit", "quant_method bitsandbytes, 4-bit nf4"),
-])
-def test_quantized_base_is_refused(pair, tmp_path, kind, needle, capfd):
-    if kind.startswith("fp8"):
-        base = fp8_block_scaled(pair / "base", tmp_path / kind, with_config=kind == "fp8")
-    else:
-        pytest.importorskip("bitsandbytes")
-        base = bnb_quantized(pair / "base", tmp_path / kind, bits=8 if kind == "bnb-8bit" else 4)
-    before = digest(base, pair)
-    out = tmp_path / "out"
-    for extra in ([], ["--dtype", "bfloat16", "--verify", "modules"], ["--force"]):
-        err = failing(capfd, 2, "merge", "--base", base, "--adapter", pair / "adapter", "--output", out, *extra)
-        assert needle in err and "is stored quantized" in err and "unquantized release" in err, err
-        assert nothing_left(out)
-    manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump({"output_root": "o", "jobs": [
-        {"id": "q", "base": {"path": str(base)}, "adapter": {"path": str(pair / "adapter")}, "output": "q"}]}))
-    err = failing(capfd, 2, "validate", manifest)
-    assert "job q:" in err and needle in err
-    assert digest(base, pair) == before
 
 
 def test_run_without_ray_is_one_clean_message(pair, tmp_path, monkeypatch, capfd):
