@@ -394,3 +394,86 @@ def merge_tensor(base: torch.Tensor, where: ExpertSlice, lora: ExpertLora) -> to
     for e in range(lora.num_experts):
         merged[e] += _part(expert_delta(lora, e), where).to(base.dtype)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning: an adapter's ``target_parameters`` onto the checkpoint's own tensors.
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExpertOp:
+    """A LoRA on a (fused expert) parameter, as it lands on one checkpoint tensor: where, and its saved factors."""
+
+    where: ExpertSlice
+    a_key: str
+    b_key: str
+    scale: float
+    num_experts: int
+    transposed: bool
+
+    def lora(self, adapter, device=None) -> ExpertLora:
+        """The factors, read from the adapter (onto ``device``)."""
+        return ExpertLora(adapter.get(self.a_key).to(device), adapter.get(self.b_key).to(device), self.scale,
+                          self.num_experts, self.transposed)
+
+
+@dataclass
+class ExpertPlan:
+    """Checkpoint key -> its ExpertOp; the adapter keys it accounts for; what does not fit."""
+
+    ops: dict[str, ExpertOp] = field(default_factory=dict)
+    claimed: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+
+def meta_model(base_dir, trust_remote_code: bool = False):
+    """The base's model class built on the meta device (no memory), or None when transformers cannot build it."""
+    from converter.modelinfo import resolve_model_class
+
+    hf_config, cls = resolve_model_class(base_dir, trust_remote_code)
+    if hf_config is None:
+        return None
+    with torch.device("meta"):
+        return cls._from_config(hf_config)
+
+
+def plan_experts(model, ckpt_shapes: Mapping[str, Sequence[int]], adapter, scale_of) -> ExpertPlan:
+    """Every LoRA on a ``target_parameters`` parameter mapped onto the checkpoint tensors it is stored in.
+
+    ``adapter``: keys (with PEFT's prefix), ``shape(key)``; ``scale_of(param) -> (r, scale)``
+    (rank and alpha patterns resolved by the caller).
+    """
+    plan = ExpertPlan()
+    keys = {k.removeprefix(PEFT_PREFIX): k for k in adapter.keys()}
+    wrapped = {p: w for p, w in wrapped_params(model, adapter.config.get("target_parameters") or []).items()
+               if w.lora_a_key.removeprefix(PEFT_PREFIX) in keys}
+    factors: dict[str, tuple[str, str]] = {}
+    for param, w in wrapped.items():
+        a_key, b_key = keys[w.lora_a_key.removeprefix(PEFT_PREFIX)], keys.get(w.lora_b_key.removeprefix(PEFT_PREFIX))
+        plan.claimed |= {a_key, b_key} - {None}
+        problem = _factor_misfit(model, param, w, adapter.shape(a_key), adapter.shape(b_key) if b_key else None,
+                                 scale_of(param)[0])
+        if problem:
+            plan.problems.append(f"{a_key}: {problem}")
+        else:
+            factors[param] = (a_key, b_key)
+    slices = expert_slices(model, ckpt_shapes, params=set(factors))
+    for key, where in slices.items():
+        w, (a_key, b_key) = wrapped[where.param], factors[where.param]
+        plan.ops[key] = ExpertOp(where, a_key, b_key, scale_of(where.param)[1], w.num_experts, w.transposed)
+    landed = {where.param for where in slices.values()}
+    plan.problems += [f"{factors[p][0]}: no checkpoint tensor builds {p}" for p in factors if p not in landed]
+    return plan
+
+
+def _factor_misfit(model, param: str, w: WrappedParam, a_shape, b_shape, r: int) -> str | None:
+    """Why saved factors do not fit the wrapped parameter, or None."""
+    if b_shape is None:
+        return "has lora_A but not its lora_B"
+    shape = model.get_parameter(param).shape
+    out_dim, in_dim = (shape[-1], shape[-2]) if w.transposed else (shape[-2], shape[-1])
+    want_a, want_b = (r * w.num_experts, in_dim), (out_dim, r * w.num_experts)
+    if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
+        return (f"LoRA of shape A{tuple(a_shape)} B{tuple(b_shape)} does not fit {param} {tuple(shape)} "
+                f"(expected A{want_a} B{want_b} for r={r} per expert)")
+    return None

@@ -13,13 +13,15 @@ from converter import codecs, publish, quantize, sources
 from converter.adapter import Adapter, check_finite, load_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
+from converter.experts import ExpertPlan, meta_model, plan_experts
+from converter.lora_math import lora_scale
 from converter.modelinfo import ModelInfo, base_config, describe
 from converter.options import DTYPES, MergeJob
-from converter.plan import MergePlan, build_plan, needs_peft_engine
+from converter.plan import MergePlan, build_plan, needs_peft_engine, pattern_value
 from converter.resources import resolve_device
 from converter.sources import Resolved
 
-ENGINE_VERSION = 1  # part of every fingerprint: a change that alters outputs bumps it
+ENGINE_VERSION = 2  # part of every fingerprint: a change that alters outputs bumps it
 
 
 @dataclass
@@ -95,7 +97,8 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     if engine_reason and isinstance(base, codecs.DecodedCheckpoint):
         raise UnsupportedBaseError(f"{engine_reason}, which merges into the base as transformers loads it; the base "
                                    f"is stored as {base.codec.label}", hint=codecs.DEQUANTIZE_FIX)
-    plan = None if engine_reason else build_plan(adapter, base, info)
+    experts = _experts(job, adapter, base, base_src) if adapter.config.get("target_parameters") else None
+    plan = None if engine_reason else build_plan(adapter, base, info, experts)
     resolve_device(job.device)
     _check_quantize(job, info)
     adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
@@ -103,6 +106,23 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
                   output_dtype(job.dtype, base), fingerprint(job, base_src, base, adapter_hashes), warnings, base_src,
                   adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)
+
+
+def _experts(job: MergeJob, adapter: Adapter, base: Checkpoint, base_src: Resolved) -> ExpertPlan:
+    """The adapter's LoRAs on ``target_parameters`` (fused MoE experts...) mapped onto the checkpoint's tensors."""
+    model = meta_model(base_src.path, job.trust_remote_code)
+    if model is None:
+        raise BadInputError(f"the adapter targets parameters ({', '.join(adapter.config['target_parameters'])}), "
+                            "which are found through the base's model class, and transformers cannot build it",
+                            hint="pass --trust-remote-code if the base ships its own code")
+    cfg = adapter.config
+
+    def scale_of(param: str) -> tuple[int, float]:
+        r = pattern_value(cfg.get("rank_pattern"), param, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern"), param, cfg.get("lora_alpha", 8))
+        return r, lora_scale(r, alpha, bool(cfg.get("use_rslora")))
+
+    return plan_experts(model, {k: spec.shape for k, spec in base.specs.items()}, adapter, scale_of)
 
 
 def _check_quantize(job: MergeJob, info: ModelInfo) -> None:

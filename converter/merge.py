@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from converter import lora_math
+from converter import experts, lora_math
 from converter.adapter import Adapter
 from converter.checkpoint import Checkpoint, read_into
 from converter.errors import MergeError
@@ -72,6 +72,8 @@ def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtyp
     already in the output dtype), as PEFT merges into the base as loaded: LoRA / DoRA, lora_bias, token rows."""
     f32 = dict(device=device, dtype=torch.float32)
     weight = start.to(**f32, copy=True)  # our own copy: the math below works in place
+    if tp.expert is not None:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added in it
+        weight = experts.merge_tensor(start.to(device), tp.expert.where, tp.expert.lora(adapter, device)).to(**f32)
     if tp.lora is not None:
         weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
     if tp.bias_key:
@@ -99,6 +101,9 @@ def apply_lora(weight: torch.Tensor, op: LoraOp, adapter: Adapter, out_dtype: to
         if magnitude is not None:
             return lora_math.dora_embedding(weight, delta, magnitude)
         return lora_math.add_delta_rounded(weight, delta, out_dtype)
+    if op.fused:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added in it
+        delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
+        return weight.to(out_dtype).add_(delta.to(out_dtype)).to(torch.float32)
     if magnitude is None:
         return lora_math.merge_linear(weight, a, b, op.scale, op.fan_in_fan_out)
     delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
@@ -165,11 +170,11 @@ class _Step:
 def is_chunkable(tp: TensorPlan, src) -> bool:
     """A plain LoRA (or nothing) on a 2-D base tensor read straight from a safetensors file."""
     op = tp.lora
-    if tp.replace_key or tp.bias_key or tp.rows_key or src is None or src.start is None:
+    if tp.replace_key or tp.bias_key or tp.rows_key or tp.expert or src is None or src.start is None:
         return False
     if tuple(src.shape) != tuple(tp.shape) or len(tp.shape) != 2 or 0 in tp.shape:
         return False
-    return op is None or (op.kind == "linear" and not op.fan_in_fan_out and op.magnitude_key is None)
+    return op is None or (op.kind == "linear" and not op.fan_in_fan_out and op.magnitude_key is None and not op.fused)
 
 
 def row_chunks(rows: int, cols: int, elems: int) -> list[tuple[int, int]]:

@@ -15,12 +15,13 @@ import torch
 from converter.adapter import Adapter, strip_prefix
 from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError
+from converter.experts import ExpertOp, ExpertPlan
 from converter.lora_math import lora_scale
 from converter.modelinfo import ModelInfo
 
 # LoRA options whose math our engine does not implement: PEFT merges those in memory.
 PEFT_ONLY_OPTIONS = ("use_qalora", "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config",
-                     "monteclora_config", "mica", "kasa_config", "target_parameters", "layer_replication")
+                     "monteclora_config", "mica", "kasa_config", "layer_replication")
 SUFFIXES = (
     ("lora_A.weight", "A"), ("lora_B.weight", "B"), ("lora_B.bias", "B_bias"),
     ("lora_embedding_A", "emb_A"), ("lora_embedding_B", "emb_B"),
@@ -41,6 +42,7 @@ class LoraOp:
     scale: float
     fan_in_fan_out: bool = False
     magnitude_key: str | None = None
+    fused: bool = False  # a per-expert tensor PEFT merges as part of a fused parameter (delta rounded, then added)
 
 
 @dataclass
@@ -56,11 +58,13 @@ class TensorPlan:
     rows_key: str | None = None  # trainable token rows
     rows: list[int] = field(default_factory=list)
     added: bool = False  # not in the base checkpoint (an untied output embedding)
+    expert: ExpertOp | None = None  # a LoRA on a fused (expert) parameter this tensor is part of
+
 
     @property
     def action(self) -> str:
         """What the output tensor is: merge, replace, add or copy."""
-        if self.lora is not None or self.bias_key or self.rows_key:
+        if self.lora is not None or self.expert is not None or self.bias_key or self.rows_key:
             return "merge"
         if self.replace_key:
             return "replace"
@@ -130,15 +134,22 @@ def needs_peft_engine(adapter: Adapter) -> str | None:
     return None
 
 
-def build_plan(adapter: Adapter, ckpt: Checkpoint, info: ModelInfo) -> MergePlan:
-    """Every adapter tensor mapped to the base tensor it changes; one AdapterMismatchError lists every problem."""
+def build_plan(adapter: Adapter, ckpt: Checkpoint, info: ModelInfo, experts: ExpertPlan | None = None) -> MergePlan:
+    """Every adapter tensor mapped to the base tensor it changes; one AdapterMismatchError lists every problem.
+    ``experts``: the LoRAs on ``target_parameters``, already mapped onto the checkpoint's tensors."""
     planner = _Planner(adapter, ckpt, info)
     modules: dict[str, dict[str, str]] = {}
+    claimed = experts.claimed if experts else set()
     for key in adapter.keys():
-        module, role = split_key(key)
-        modules.setdefault(module, {})[role] = key
+        if key not in claimed:
+            module, role = split_key(key)
+            modules.setdefault(module, {})[role] = key
     for module, roles in modules.items():
         planner.add_module(module, roles)
+    if experts:
+        planner.problems += experts.problems
+        for key, op in experts.ops.items():
+            planner.tensors[key].expert = op
     planner.raise_problems()
     plan = MergePlan(planner.tensors)
     plan.modules = {t.lora.module: t.lora for t in planner.tensors.values() if t.lora is not None}
@@ -168,7 +179,7 @@ class _Planner:
         if ck is None:
             self.unmatched.append(key)
             return None
-        if ck in self.info.converted:
+        if ck in self.info.converted and ck != param:  # (an adapter naming the checkpoint's own tensor fits it)
             self.problems.append(f"{key}: its base tensor {ck} is stored fused by transformers' conversion rules; "
                                  "this engine cannot merge into it")
             return None
@@ -234,6 +245,7 @@ class _Planner:
         if problem is not None:
             self.problems.append(problem)
             return
+        op.fused = tp.name in self.info.converted  # a transformers-4 per-expert adapter: PEFT fuses it on load
         tp.lora = op
         bias = self.target(f"{module}.bias", roles["B_bias"]) if "B_bias" in roles else None
         if bias is not None:

@@ -84,7 +84,8 @@ QUANTIZATION_KEYS = ("quantization_config", "compression_config")
 
 def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int | None, untie: bool,
                  quantization_config: dict | None = None) -> dict:
-    """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings, quantization); returns it."""
+    """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings, quantization_config:
+    the base's only where the output keeps its format); returns it."""
     config = json.loads(json.dumps(config))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else None
     for scope in (config, text or {}):  # the weights are dense: a quantized base's codes were decoded
