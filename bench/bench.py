@@ -55,7 +55,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import make_synthetic  # noqa: E402
 
-ALL_METHODS = ["converter-none", "converter-modules", "converter-none-cold", "peft", "copy"]
+ALL_METHODS = ["converter-none", "converter-modules", "converter-full", "converter-keep", "converter-none-cold", "peft",
+               "copy"]
 PASS_METHODS = ["pass", "separate", "copies"]  # N adapters: one pass / N merges / N synced copies
 ALIASES = {"converter": ["converter-none", "converter-modules"], "multi": PASS_METHODS,
            "all": ["converter-none", "converter-modules", "peft", "copy"]}
@@ -161,6 +162,8 @@ def build_cmd(method: str, base: Path, adapter: Path, out: Path, device: str | N
     if method.endswith("-cold"):  # no converter.cache: the base is described and hashed again
         return ["env", "CONVERTER_CACHE_DIR=off"] + build_cmd(method.removesuffix("-cold"), base, adapter, out, device,
                                                               shard, adapters)
+    if method == "converter-keep":  # a quantized base's output in its own format
+        return build_cmd("converter-none", base, adapter, out, device, shard) + ["--keep-quantization"]
     if method.startswith("converter-"):
         cmd = converter_cmd() + ["merge", "--base", str(base), "--adapter", str(adapter),
                                  "--output", str(out), "--verify", method.split("-", 1)[1],
@@ -339,6 +342,9 @@ def summarize(methods, runs) -> dict:
             continue
         ref = summ.get("copies", {}) if m in PASS_METHODS else copy  # N adapters: against N synced copies
         s["wall_vs_copy"] = s["wall_s"] / ref["wall_s"] if ref.get("status") == "ok" else None
+        # against a synced copy of this method's own output size (the copy's throughput, scaled to those bytes)
+        s["wall_vs_copy_own_size"] = (s["wall_s"] / (ref["wall_s"] * s["out_bytes"] / ref["out_bytes"])
+                                      if ref.get("status") == "ok" and ref.get("out_bytes") else None)
         if m in PASS_METHODS:
             n = next((r["adapters"] for r in runs if r["method"] == m and r.get("adapters")), None)
             s["adapters"] = n
@@ -364,10 +370,11 @@ def table_rows(methods, summ):
         s = summ[m]
         if s["status"] != "ok":
             err = (s.get("error") or "")[:90]
-            rows.append([m, "FAILED", "", "", "", "", err])
+            rows.append([m, "FAILED", "", "", "", "", "", "", err])
             continue
-        rows.append([m, _fmt(s["wall_s"], ".2f"), _fmt(s["peak_rss_mb"], ".0f"),
-                     _fmt(s["wall_vs_copy"], ".2f"), _fmt(s["wall_vs_peft"], ".2f"),
+        rows.append([m, _fmt(s["wall_s"], ".2f"), _fmt(s["peak_rss_mb"], ".0f"), _fmt(s["out_bytes"] / 1e9, ".2f"),
+                     _fmt(s["wall_vs_copy"], ".2f"), _fmt(s.get("wall_vs_copy_own_size"), ".2f"),
+                     _fmt(s["wall_vs_peft"], ".2f"),
                      _fmt(s["rss_vs_peft"], ".2f"),
                      f"n={s['n']}" + (f" {s['adapters']} adapters, {s['adapters_per_min']:.1f}/min"
                                       if s.get("adapters") else "")
@@ -378,7 +385,8 @@ def table_rows(methods, summ):
     return rows
 
 
-HEADERS = ["method", "wall s", "peak RSS MB", "wall/copy", "wall/peft", "rss/peft", "note"]
+HEADERS = ["method", "wall s", "peak RSS MB", "out GB", "wall/copy", "wall/copy of own size", "wall/peft", "rss/peft",
+           "note"]
 
 
 def print_table(title, methods, summ, markdown=False):
@@ -396,7 +404,7 @@ def print_table(title, methods, summ, markdown=False):
 
         t = Table(title=title)
         for i, h in enumerate(HEADERS):
-            t.add_column(h, justify="left" if i in (0, 6) else "right", overflow="fold")
+            t.add_column(h, justify="left" if i in (0, len(HEADERS) - 1) else "right", overflow="fold")
         for r in rows:
             t.add_row(*r)
         Console(width=160).print(t)
@@ -453,7 +461,7 @@ def parse_methods(spec: str) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(make_synthetic.PRESETS), default="1b")
+    ap.add_argument("--preset", choices=make_synthetic.ALL_PRESETS, default="1b")
     ap.add_argument("--repeat", type=int, default=3, help="runs per method; figures are medians (default 3)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/converter-bench"))
     ap.add_argument("--device", default=None, help="passed to converter (--device) and used by PEFT")
@@ -474,7 +482,7 @@ def main(argv=None) -> int:
     base, adapter = Path(syn["base"]), Path(syn["adapter"])
     adapters = (make_synthetic.extra_adapters(data_dir, args.adapters)
                 if any(m in PASS_METHODS for m in methods) else [adapter])
-    shard = f"{make_synthetic.PRESETS[args.preset][1] // 10**9}GB"
+    shard = f"{make_synthetic.shard_bytes(args.preset) // 10**9}GB"
     logs = args.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] preset {args.preset}: {syn['n_params'] / 1e9:.3f}B params, base {syn['base_bytes'] / 1e9:.2f} GB, "
@@ -510,7 +518,7 @@ def main(argv=None) -> int:
                 print(f"[bench] {m} #{i}: FAILED ({r['error'][:300]})", flush=True)
 
     summ = summarize(methods, runs)
-    title = (f"{args.preset} ({syn['n_params'] / 1e9:.2f}B params, {syn['base_bytes'] / 1e9:.2f} GB bf16), "
+    title = (f"{args.preset} ({syn['n_params'] / 1e9:.2f}B params, {syn['base_bytes'] / 1e9:.2f} GB base), "
              f"median of {args.repeat}")
     print()
     print_table(title, methods, summ)

@@ -76,6 +76,28 @@ PRESETS: dict[str, tuple[dict, int]] = {
 }
 
 
+# FP8 block-scaled bases (the DeepSeek-V3 / Qwen3-FP8 layout) of a dense preset's shape: name -> dense preset
+FP8_PRESETS = {"fp8-0.5b": "0.5b", "fp8-8b": "8b"}
+FP8_BLOCK = (128, 128)
+# Mixtral-shaped MoE bases (per-expert tensors on disk): name -> (MixtralConfig kwargs, max shard bytes)
+MOE_PRESETS: dict[str, tuple[dict, int]] = {
+    # ~1.9B params, 3.8 GB bf16: 8 experts of 2048 x 5632 in 6 layers
+    "moe": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
+                 num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000), 2 * GB),
+    "moe-tiny": (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=1024), 2 * GB),
+}
+MOE_TARGET_MODULES = ["q_proj", "v_proj"]
+MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ALL_PRESETS = sorted(PRESETS) + sorted(FP8_PRESETS) + sorted(MOE_PRESETS)
+
+
+def shard_bytes(preset: str) -> int:
+    """The largest shard a preset's base (and its outputs) are written in."""
+    if preset in FP8_PRESETS:
+        return PRESETS[FP8_PRESETS[preset]][1]
+    return (MOE_PRESETS.get(preset) or PRESETS[preset])[1]
+
 
 def llama_config(preset: str):
     from transformers import LlamaConfig
@@ -140,12 +162,13 @@ def write_safetensors_streaming(path: Path, specs, dtype, make_tensor, metadata=
     """
     import torch
 
-    st_dtype = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}[dtype]
+    names = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
+    specs = [(s[0], s[1], s[2] if len(s) > 2 else dtype) for s in specs]  # (name, shape[, own dtype])
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     off = 0
-    for name, shape in specs:
-        n = nbytes(shape, dtype)
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+    for name, shape, own in specs:
+        n = nbytes(shape, own)
+        header[name] = {"dtype": names[own], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)  # align the data section to 8 bytes
@@ -153,9 +176,9 @@ def write_safetensors_streaming(path: Path, specs, dtype, make_tensor, metadata=
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(hbytes)))
         f.write(hbytes)
-        for name, shape in specs:
+        for name, shape, own in specs:
             t = make_tensor(name, shape)
-            assert t.dtype == dtype and tuple(t.shape) == tuple(shape) and t.is_contiguous(), name
+            assert t.dtype == own and tuple(t.shape) == tuple(shape) and t.is_contiguous(), name
             f.write(t.view(-1).view(torch.uint8).numpy().data)
             del t
     os.replace(tmp, path)
@@ -164,12 +187,12 @@ def write_safetensors_streaming(path: Path, specs, dtype, make_tensor, metadata=
 
 def shard_specs(specs, dtype, max_shard_bytes: int):
     shards, cur, cur_bytes = [], [], 0
-    for name, shape in specs:
-        n = nbytes(shape, dtype)
+    for spec in specs:
+        n = nbytes(spec[1], spec[2] if len(spec) > 2 else dtype)
         if cur and cur_bytes + n > max_shard_bytes:
             shards.append(cur)
             cur, cur_bytes = [], 0
-        cur.append((name, shape))
+        cur.append(spec)
         cur_bytes += n
     if cur:
         shards.append(cur)
@@ -177,8 +200,6 @@ def shard_specs(specs, dtype, max_shard_bytes: int):
 
 
 def generate(preset: str, out: Path, seed: int = 0, force: bool = False, quiet: bool = False) -> dict:
-    import torch
-
     out = Path(out)
     info_path = out / "synthetic.json"
     if info_path.exists() and not force:
@@ -189,6 +210,14 @@ def generate(preset: str, out: Path, seed: int = 0, force: bool = False, quiet: 
             return info
     if out.exists():
         shutil.rmtree(out)
+    make = generate_fp8 if preset in FP8_PRESETS else generate_moe if preset in MOE_PRESETS else generate_llama
+    return make(preset, out, seed, quiet)
+
+
+def generate_llama(preset: str, out: Path, seed: int, quiet: bool) -> dict:
+    import torch
+
+    info_path = out / "synthetic.json"
     base_dir, adapter_dir = out / "base", out / "adapter"
     base_dir.mkdir(parents=True)
     adapter_dir.mkdir(parents=True)
@@ -256,6 +285,165 @@ def generate(preset: str, out: Path, seed: int = 0, force: bool = False, quiet: 
               f"{len(shards)} shard(s), adapter {info['adapter_params'] / 1e6:.1f}M params, "
               f"{info['generate_s']:.1f}s", flush=True)
     return info
+
+
+def _write_base(base_dir: Path, specs, shard_max: int, make_tensor, quiet: bool, t0: float) -> int:
+    """Sharded safetensors files and their index; returns the bytes of tensor data."""
+    import torch
+
+    shards = shard_specs(specs, torch.bfloat16, shard_max)
+    weight_map, total = {}, 0
+    for i, sh in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors_streaming(base_dir / fname, sh, torch.bfloat16, make_tensor)
+        for name, shape, dtype in sh:
+            weight_map[name] = fname
+            total += nbytes(shape, dtype)
+        if not quiet:
+            print(f"[make_synthetic] wrote {fname} ({len(sh)} tensors) t={time.perf_counter() - t0:.1f}s", flush=True)
+    (base_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return total
+
+
+def _finish(preset: str, out: Path, seed: int, specs, aspecs, t0: float, quiet: bool, **extra) -> dict:
+    info = dict(preset=preset, seed=seed, complete=True, n_params=sum(math.prod(s[1]) for s in specs),
+                n_tensors=len(specs), base_bytes=sum(p.stat().st_size for p in (out / "base").iterdir()),
+                adapter_params=sum(math.prod(s) for _, s in aspecs),
+                adapter_bytes=sum(p.stat().st_size for p in (out / "adapter").iterdir()),
+                generate_s=round(time.perf_counter() - t0, 2), base=str(out / "base"), adapter=str(out / "adapter"),
+                **extra)
+    (out / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
+    if not quiet:
+        print(f"[make_synthetic] {preset}: {info['n_params'] / 1e9:.3f}B params, {info['base_bytes'] / 1e9:.2f} GB, "
+              f"adapter {info['adapter_params'] / 1e6:.1f}M params, {info['generate_s']:.1f}s", flush=True)
+    return info
+
+
+def _write_adapter(adapter_dir: Path, aspecs, seed: int, **lora) -> None:
+    import torch
+    from peft import LoraConfig
+
+    LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM", inference_mode=True,
+               **lora).save_pretrained(str(adapter_dir))
+    gen = torch.Generator().manual_seed(seed + 1)
+    write_safetensors_streaming(
+        adapter_dir / "adapter_model.safetensors", aspecs, torch.float32,
+        lambda name, shape: torch.empty(shape, dtype=torch.float32).normal_(0.0, LORA_STD, generator=gen))
+
+
+def generate_fp8(preset: str, out: Path, seed: int, quiet: bool) -> dict:
+    """A dense preset's shape stored as FP8 block-scaled: every 2-D ``*_proj.weight`` as float8_e4m3fn codes with
+    float32 ``weight_scale_inv`` per 128x128 block; embeddings, norms and lm_head in bfloat16."""
+    import torch
+
+    t0 = time.perf_counter()
+    base_dir, adapter_dir = out / "base", out / "adapter"
+    base_dir.mkdir(parents=True)
+    adapter_dir.mkdir(parents=True)
+    cfg = llama_config(FP8_PRESETS[preset])
+    cfg.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                               "weight_block_size": list(FP8_BLOCK)}
+    cfg.to_json_file(base_dir / "config.json")
+    dense = base_tensor_specs(cfg)
+    specs = []
+    for name, shape in dense:
+        if name.endswith("_proj.weight"):
+            grid = (-(-shape[0] // FP8_BLOCK[0]), -(-shape[1] // FP8_BLOCK[1]))
+            specs += [(name, shape, torch.float8_e4m3fn), (name + "_scale_inv", grid, torch.float32)]
+        else:
+            specs.append((name, shape, torch.bfloat16))
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, shape):
+        if name.endswith("_scale_inv"):  # codes ~ N(0, 150) times this: weights ~ N(0, BASE_STD)
+            return torch.full(shape, BASE_STD / 150.0, dtype=torch.float32)
+        if name.endswith("_proj.weight"):
+            return torch.empty(shape).normal_(0.0, 150.0, generator=gen).clamp_(-448, 448).to(torch.float8_e4m3fn)
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, BASE_STD, generator=gen)
+
+    _write_base(base_dir, specs, shard_bytes(preset), make, quiet, t0)
+    aspecs = adapter_tensor_specs(dense)
+    _write_adapter(adapter_dir, aspecs, seed, target_modules=LORA_TARGETS)
+    return _finish(preset, out, seed, specs, aspecs, t0, quiet, fp8_block=list(FP8_BLOCK),
+                   dense_bytes=sum(nbytes(shape, torch.bfloat16) for _, shape in dense))
+
+
+def moe_config(preset: str):
+    from transformers import MixtralConfig
+
+    kw, _ = MOE_PRESETS[preset]
+    cfg = MixtralConfig(max_position_embeddings=2048, tie_word_embeddings=False, architectures=["MixtralForCausalLM"],
+                        **kw)
+    cfg.dtype = "bfloat16"
+    return cfg
+
+
+def moe_tensor_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """Mixtral's checkpoint layout: the model's fused experts as one tensor per expert and projection
+    (``block_sparse_moe.experts.E.w1/w2/w3``), the router as ``block_sparse_moe.gate``."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    specs = []
+    for name, value in model.state_dict().items():
+        stem = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith("experts.gate_up_proj"):
+            for e in range(value.shape[0]):
+                half = value.shape[1] // 2
+                specs += [(f"{stem[:-len('gate_up_proj')]}{e}.w1.weight", (half, value.shape[2])),
+                          (f"{stem[:-len('gate_up_proj')]}{e}.w3.weight", (half, value.shape[2]))]
+        elif name.endswith("experts.down_proj"):
+            specs += [(f"{stem[:-len('down_proj')]}{e}.w2.weight", tuple(value.shape[1:])) for e in range(value.shape[0])]
+        else:
+            specs.append((stem, tuple(value.shape)))
+    return specs
+
+
+def moe_adapter_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    """PEFT's keys for LoRA on q/v_proj and on the fused experts (``target_parameters``): the gate_up wrapper
+    saved under ``experts.base_layer``, the down one under ``experts``; A (r*E, in), B (out, r*E) per parameter."""
+    h, i, e, r = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, LORA_RANK
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    specs = []
+    for layer in range(cfg.num_hidden_layers):
+        stem = f"base_model.model.model.layers.{layer}"
+        for proj, out_f in (("q_proj", h), ("v_proj", kv)):
+            specs += [(f"{stem}.self_attn.{proj}.lora_A.weight", (r, h)), (f"{stem}.self_attn.{proj}.lora_B.weight",
+                                                                          (out_f, r))]
+        specs += [(f"{stem}.mlp.experts.base_layer.lora_A.weight", (r * e, h)),
+                  (f"{stem}.mlp.experts.base_layer.lora_B.weight", (2 * i, r * e)),
+                  (f"{stem}.mlp.experts.lora_A.weight", (r * e, i)), (f"{stem}.mlp.experts.lora_B.weight", (h, r * e))]
+    return specs
+
+
+def generate_moe(preset: str, out: Path, seed: int, quiet: bool) -> dict:
+    """A Mixtral-shaped base with per-expert tensors on disk, and a LoRA on its attention and fused experts."""
+    import torch
+
+    t0 = time.perf_counter()
+    base_dir, adapter_dir = out / "base", out / "adapter"
+    base_dir.mkdir(parents=True)
+    adapter_dir.mkdir(parents=True)
+    cfg = moe_config(preset)
+    cfg.to_json_file(base_dir / "config.json")
+    specs = [(n, s, torch.bfloat16) for n, s in moe_tensor_specs(cfg)]
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(name, shape):
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, BASE_STD, generator=gen)
+
+    _write_base(base_dir, specs, shard_bytes(preset), make, quiet, t0)
+    aspecs = moe_adapter_specs(cfg)
+    _write_adapter(adapter_dir, aspecs, seed, target_modules=MOE_TARGET_MODULES,
+                   target_parameters=MOE_TARGET_PARAMETERS)
+    return _finish(preset, out, seed, specs, aspecs, t0, quiet, config=MOE_PRESETS[preset][0])
 
 
 def check_with_peft(out: Path) -> None:
@@ -330,7 +518,7 @@ def extra_adapters(out: Path, n: int) -> list[Path]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    ap.add_argument("--preset", choices=ALL_PRESETS, default="1b")
     ap.add_argument("--out", type=Path, default=None, help="default: /tmp/converter-bench/<preset>")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="regenerate even if present")

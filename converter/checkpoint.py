@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,15 @@ class TensorSpec:
     def nbytes(self) -> int:
         """Bytes of the tensor's data."""
         return self.numel * dtype_size(self.dtype)
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Where rows of a tensor are read from: a stored tensor's byte range, and how its rows become the tensor's."""
+
+    spec: TensorSpec  # the stored tensor whose rows are read: the tensor itself, or its quantized codes
+    decode: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None  # (stored rows, r0, r1) -> float rows
+    block: int = 1  # chunks start at multiples of this many rows
 
 
 def read_json_object(path: Path, what: str, fix: str) -> dict:
@@ -232,6 +242,11 @@ class Checkpoint:
         if spec.file in self._bins:
             return self._bins[spec.file][name]
         return read_range(spec)
+
+    def row_source(self, name: str) -> RowSource | None:
+        """Where the tensor's rows can be read in chunks (a safetensors byte range), or None."""
+        spec = self.specs.get(name)
+        return RowSource(spec) if spec is not None and spec.start is not None else None
 
     def read_order(self, name: str) -> tuple[str, int]:
         """Where the tensor's bytes lie, to read the base in file order."""

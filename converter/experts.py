@@ -411,6 +411,30 @@ class ExpertOp:
     num_experts: int
     transposed: bool
 
+    @property
+    def by_rows(self) -> bool:
+        """Whether this tensor is one expert's (or a 2-D parameter's) rows, oriented as the parameter: its delta is
+        then ``B_part @ A_e * scale`` and it merges in row chunks like a linear LoRA."""
+        return (self.where.expert is not None or self.num_experts == 1) and not self.where.transpose \
+            and not self.transposed and (self.where.span is None or self.where.dim == 0)
+
+    @property
+    def label(self) -> str:
+        """How probes name it: the parameter, and the expert."""
+        return self.where.param + (f"[{self.where.expert}]" if self.where.expert is not None else "")
+
+    def row_factors(self, adapter, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_e (r, in), B_e of this tensor's rows (rows, r)) in fp32, for a ``by_rows`` tensor."""
+        a, b = adapter.get(self.a_key), adapter.get(self.b_key)
+        r = a.shape[0] // self.num_experts
+        expert = self.where.expert or 0
+        a = a.reshape(self.num_experts, r, -1)[expert]
+        b = b.reshape(b.shape[0], r, self.num_experts)[:, :, expert]
+        if self.where.span is not None:
+            b = b[self.where.span]
+        return (a.to(device=device, dtype=torch.float32).contiguous(),
+                b.to(device=device, dtype=torch.float32).contiguous())
+
     def lora(self, adapter, device=None) -> ExpertLora:
         """The factors, read from the adapter (onto ``device``)."""
         return ExpertLora(adapter.get(self.a_key).to(device), adapter.get(self.b_key).to(device), self.scale,

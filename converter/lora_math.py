@@ -42,6 +42,18 @@ def merge_linear(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     return weight.add_(transpose(delta, fan_in_fan_out))
 
 
+def merge_rows_fused(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                     out_dtype: torch.dtype, delta: torch.Tensor) -> torch.Tensor:
+    """``param.data += (B @ A * scaling).to(param.dtype)`` (PEFT's ParamWrapper, on fused expert parameters), on
+    rows of our fp32 copy of the weight: the delta rounded to the dtype, then added (and rounded once more by the
+    caller). ``delta``: a reused fp32 buffer."""
+    torch.mm(lora_b, lora_a, out=delta)
+    delta.mul_(scale)
+    if out_dtype != torch.float32:
+        delta.copy_(delta.to(out_dtype))
+    return weight.add_(delta)
+
+
 def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``Embedding.get_delta_weight``: A is (r, num_embeddings), B is (dim, r)."""
     return transpose(lora_b @ lora_a, True) * scale

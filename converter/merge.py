@@ -25,7 +25,7 @@ import torch
 
 from converter import experts, lora_math
 from converter.adapter import Adapter
-from converter.checkpoint import Checkpoint, read_into
+from converter.checkpoint import Checkpoint, RowSource, read_into
 from converter.errors import MergeError
 from converter.plan import LoraOp, MergePlan, TensorPlan
 from converter.verify import PROBE_TOLERANCE, RowProbe, probe_error
@@ -83,12 +83,36 @@ def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtyp
     return weight
 
 
-def merged_rows(start: torch.Tensor, a: torch.Tensor, b_rows: torch.Tensor, scale: float, acc: torch.Tensor,
+def merged_rows(start: torch.Tensor, lora: "RowLora", r0: int, r1: int, acc: torch.Tensor,
                 delta: torch.Tensor) -> torch.Tensor:
-    """W' for rows of a plain LoRA linear weight, in fp32 in ``acc`` (``delta``: scratch for ``B[rows] @ A``):
-    the same rows of ``merged_value``, bit for bit."""
+    """W' for rows r0:r1 of a plain LoRA linear weight (or of an expert tensor), in fp32 in ``acc`` (``delta``:
+    scratch for ``B[rows] @ A``): the same rows of ``merged_value``, bit for bit."""
     acc.copy_(start)
-    return lora_math.merge_linear(acc, a, b_rows, scale, False, delta=delta)
+    if lora.fused_dtype is not None:
+        return lora_math.merge_rows_fused(acc, lora.a, lora.b[r0:r1], lora.scale, lora.fused_dtype, delta)
+    return lora_math.merge_linear(acc, lora.a, lora.b[r0:r1], lora.scale, False, delta=delta)
+
+
+@dataclass
+class RowLora:
+    """The factors of a tensor merged in row chunks (a LoRA module's, or one expert's part of a fused LoRA)."""
+
+    module: str  # how probes name it
+    a: torch.Tensor  # (r, in), fp32
+    b: torch.Tensor  # (out, r), fp32
+    scale: float
+    fused_dtype: torch.dtype | None = None  # PEFT's ParamWrapper rounding: the delta to this dtype before adding
+
+    @classmethod
+    def of(cls, tp: TensorPlan, adapter: Adapter, out_dtype: torch.dtype, device) -> "RowLora":
+        """The factors of ``tp``'s LoRA or expert op, on ``device``."""
+        if tp.expert is not None:
+            a, b = tp.expert.row_factors(adapter, device)
+            return cls(tp.expert.label, a, b, tp.expert.scale, out_dtype)
+        op = tp.lora
+        a = adapter.get(op.a_key).to(device=device, dtype=torch.float32)
+        b = adapter.get(op.b_key).to(device=device, dtype=torch.float32)
+        return cls(op.module, a, b, op.scale, out_dtype if op.fused else None)
 
 
 def apply_lora(weight: torch.Tensor, op: LoraOp, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
@@ -153,8 +177,7 @@ class _Use:  # one output tensor computed from a base tensor
     member: Member
     tp: TensorPlan
     out_dtype: torch.dtype
-    a: torch.Tensor | None = None
-    b: torch.Tensor | None = None
+    lora: RowLora | None = None  # the factors, from the first chunk to the last
     changed: bool = False
     probe: RowProbe | None = None
 
@@ -165,23 +188,30 @@ class _Step:
     source: str | None
     uses: list[_Use]
     chunks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+    rows: RowSource | None = None  # chunks: the stored tensor read (the tensor, or its quantized codes)
 
 
-def is_chunkable(tp: TensorPlan, src) -> bool:
-    """A plain LoRA (or nothing) on a 2-D base tensor read straight from a safetensors file."""
-    op = tp.lora
-    if tp.replace_key or tp.bias_key or tp.rows_key or tp.expert or src is None or src.start is None:
+def is_chunkable(tp: TensorPlan, src, stored=None) -> bool:
+    """A plain LoRA (or an expert's rows, or nothing) on a 2-D base tensor whose rows are read straight from a
+    safetensors file (``stored``: the tensor read for its rows, e.g. quantized codes; default ``src`` itself)."""
+    op, stored = tp.lora, stored or src
+    if tp.replace_key or tp.bias_key or tp.rows_key or src is None or stored is None or stored.start is None:
         return False
-    if tuple(src.shape) != tuple(tp.shape) or len(tp.shape) != 2 or 0 in tp.shape:
+    if tuple(src.shape) != tuple(tp.shape) or tuple(stored.shape) != tuple(tp.shape) or len(tp.shape) != 2 \
+            or 0 in tp.shape:
         return False
-    return op is None or (op.kind == "linear" and not op.fan_in_fan_out and op.magnitude_key is None and not op.fused)
+    if tp.expert is not None:
+        return op is None and tp.expert.by_rows
+    return op is None or (op.kind == "linear" and not op.fan_in_fan_out and op.magnitude_key is None)
 
 
-def row_chunks(rows: int, cols: int, elems: int) -> list[tuple[int, int]]:
-    """Equal row ranges of about ``elems`` elements, none under MIN_CHUNK_ROWS rows unless it is the whole tensor."""
+def row_chunks(rows: int, cols: int, elems: int, block: int = 1) -> list[tuple[int, int]]:
+    """Equal row ranges of about ``elems`` elements, none under MIN_CHUNK_ROWS rows unless it is the whole tensor,
+    each starting on a multiple of ``block`` rows (a quantized weight's row blocks)."""
     per = max(2 * MIN_CHUNK_ROWS, elems // max(cols, 1))
     n = max(1, math.ceil(rows / per))
-    bounds = [rows * i // n for i in range(n + 1)]
+    blocks = -(-rows // block)
+    bounds = sorted({min(rows, block * (blocks * i // n)) for i in range(n)} | {rows})
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -199,19 +229,21 @@ def _schedule(base: Checkpoint, members: list[Member], out_dtype: torch.dtype, e
                 by_source.setdefault(tp.source, []).append(use)
     steps = []
     for source, uses in by_source.items():
-        steps += _steps_of(source, base.specs.get(source), uses, elems)
+        steps += _steps_of(source, base.specs.get(source), base.row_source(source), uses, elems)
     steps.sort(key=lambda st: base.read_order(st.source) if st.source in base.specs else ("", 0))
     return steps + alone
 
 
-def _steps_of(source: str, src, uses: list[_Use], elems: int) -> list[_Step]:
+def _steps_of(source: str, src, rows: RowSource | None, uses: list[_Use], elems: int) -> list[_Step]:
     """A base tensor's copies (bytes unchanged) and its merges (in row chunks where every use allows)."""
     copyable = src is not None and src.start is not None
     copies = [u for u in uses if u.tp.action in ("copy", "add") and copyable and src.dtype == u.out_dtype]
     rest = [u for u in uses if u not in copies]
     steps = [_Step("copy", source, copies)] if copies else []
-    if rest and all(is_chunkable(u.tp, src) for u in rest):
-        steps.append(_Step("chunks", source, rest, row_chunks(src.shape[0], src.shape[1], elems)))
+    blocks = [u.member.writer.rows_block(u.tp.name) for u in rest]
+    if rest and rows is not None and None not in blocks and all(is_chunkable(u.tp, src, rows.spec) for u in rest):
+        block = math.lcm(rows.block, *blocks)
+        steps.append(_Step("chunks", source, rest, row_chunks(src.shape[0], src.shape[1], elems, block), rows))
     elif rest:
         steps.append(_Step("whole", source, rest))
     return steps
@@ -271,7 +303,7 @@ class StreamingPass:
         for st in (s for s in self.steps if s.kind == "chunks"):
             n = max(r1 - r0 for r0, r1 in st.chunks) * st.uses[0].tp.shape[1]
             elems = max(elems, n)
-            in_bytes = max(in_bytes, n * self.base.specs[st.source].dtype.itemsize)
+            in_bytes = max(in_bytes, n * st.rows.spec.dtype.itemsize)
             out_bytes = max(out_bytes, n * max(u.out_dtype.itemsize for u in st.uses))
         return in_bytes, out_bytes, elems
 
@@ -299,7 +331,7 @@ class StreamingPass:
         if st.kind == "whole":
             u = st.uses[0]
             return u.member.adapter.get(u.tp.replace_key) if st.source is None else self.base.get(st.source)
-        spec = self.base.specs[st.source]
+        spec = st.rows.spec
         row_bytes = spec.shape[1] * spec.dtype.itemsize
         buf = self.inputs.get()
         try:
@@ -337,12 +369,14 @@ class StreamingPass:
 
     def _rows(self, st: _Step, r0: int, r1: int, host_in: torch.Tensor, live: list[_Use]) -> None:
         """Every member's rows r0:r1 of one base tensor, from one read."""
-        spec = self.base.specs[st.source]
+        spec = st.rows.spec
         shape = (r1 - r0, spec.shape[1])
         n = shape[0] * shape[1]
         w = host_in[: n * spec.dtype.itemsize].view(spec.dtype).view(shape)
         if self.cuda:
             w = self.dev_in[: n * spec.dtype.itemsize].view(spec.dtype).view(shape).copy_(w, non_blocking=True)
+        if st.rows.decode is not None:  # quantized codes: the weight's rows, decoded on the device
+            w = st.rows.decode(w, r0, r1)
         for u in live:
             self._rows_of(u, w, r0, r1)
         if self.cuda:
@@ -359,14 +393,12 @@ class StreamingPass:
         host_out = self.outputs.get()
         o_host = host_out[: w.numel() * dtype.itemsize].view(dtype).view(w.shape)
         o = self.dev_out[: w.numel() * dtype.itemsize].view(dtype).view(w.shape) if self.cuda else o_host
-        if op is None:
+        if op is None and u.tp.expert is None:
             o.copy_(start)
         else:
-            if u.a is None:
-                u.a = u.member.adapter.get(op.a_key).to(device=self.device, dtype=torch.float32)
-                u.b = u.member.adapter.get(op.b_key).to(device=self.device, dtype=torch.float32)
+            u.lora = u.lora or RowLora.of(u.tp, u.member.adapter, dtype, self.device)
             acc, delta = (s[: w.numel()].view(w.shape) for s in reversed(self.scratch))
-            merged_rows(start, u.a, u.b[r0:r1], op.scale, acc, delta)  # rounded once to the output dtype below
+            merged_rows(start, u.lora, r0, r1, acc, delta)  # rounded once to the output dtype below
             u.member.error = overflow(u.tp.name, acc, dtype)
             if u.member.error is not None:
                 self.outputs.put(host_out)
@@ -375,20 +407,31 @@ class StreamingPass:
             u.changed = u.changed or differs(start, o)
             if self.probe:
                 u.probe = u.probe or RowProbe(u.tp.shape[1], o.device)
-                u.probe.add(start, o, u.a, u.b, r0, op.scale)
+                u.probe.add(start, o, u.lora.a, u.lora.b, r0, u.lora.scale)
+        encode = u.member.writer.row_encoder(u.tp.name)  # the base's own format (--keep-quantization)
+        pieces = encode(o, r0) if encode else [(u.tp.name, r0 * w.shape[1] * dtype.itemsize, o)]
+        self._write_rows(u.member, pieces, host_out)
+
+    def _write_rows(self, member: Member, pieces: list, host_out: torch.Tensor) -> None:
+        """(name, byte offset, rows) written from the reused host buffer, returned to the pool when all are."""
+        at, parts = 0, []
+        for name, offset, rows in pieces:
+            view = host_out[at: at + rows.numel() * rows.element_size()].view(rows.dtype).view(rows.shape)
+            if view.data_ptr() != rows.data_ptr():
+                view.copy_(rows, non_blocking=self.cuda)
+            parts.append((name, offset, view))
+            at += rows.numel() * rows.element_size()
         if self.cuda:
-            o_host.copy_(o, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # dev_out is reused by the next member
-        self._write(u.member, u.member.writer.write_part, u.tp.name, r0 * w.shape[1] * dtype.itemsize, o_host,
-                    done=lambda: self.outputs.put(host_out))
+        self._write(member, _write_parts, member.writer, parts, done=lambda: self.outputs.put(host_out))
 
     def _tensor_done(self, u: _Use) -> None:
         if u.member.error is not None:
             return
         u.member.stats.changed += u.changed
         if u.probe is not None:
-            u.member.stats.record_probe(u.tp.lora.module, u.probe.error(), self.tol)
-        u.a = u.b = u.probe = None
+            u.member.stats.record_probe(u.lora.module, u.probe.error(), self.tol)
+        u.lora = u.probe = None
 
     STEPS = {"copy": _copy, "whole": _whole, "chunks": _rows}
 
@@ -410,6 +453,11 @@ def _quiet_runtime(cuda: bool):
         torch.set_num_threads(threads)
         if gc_was:
             gc.enable()
+
+
+def _write_parts(writer, parts: list) -> None:
+    for name, offset, rows in parts:
+        writer.write_part(name, offset, rows)
 
 
 def _guard(member: Member, fn, *args, done=None) -> None:

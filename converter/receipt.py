@@ -43,7 +43,7 @@ class Requantization(_Part):
     """Weights re-encoded in the base's format (--keep-quantization), against the dense merge they came from."""
 
     tensors: int
-    max_rel_err: float  # max over weights of max |decode(encode(W')) − W'| / max |W'|
+    max_rel_err: float  # max over weights (and row blocks) of max |decode(encode(W')) − W'| / max |W'|
 
 
 class BaseFormat(_Part):

@@ -170,6 +170,14 @@ class ShardedWriter:
         with self._lock:
             shard.written[name] = shard.written.get(name, 0) + nbytes
 
+    def rows_block(self, name: str) -> int | None:
+        """Rows of any tensor may be written as they come (a writer that encodes them may need blocks of rows)."""
+        return 1
+
+    def row_encoder(self, name: str):
+        """None: rows are written as they are (a writer that keeps a quantized format encodes them)."""
+        return None
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor into its planned place."""
         spec = self.specs[name]

@@ -396,3 +396,23 @@ def test_missing_bitsandbytes_is_named(pair, bases, tmp_path, capfd, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     err = refused(capfd, bases("nf4"), pair / "adapter", tmp_path / "out")
     assert "needs the bitsandbytes package" in err and "pip install bitsandbytes" in err
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8-partial"])
+@pytest.mark.parametrize("keep", [False, True], ids=["dense", "kept"])
+def test_fp8_rows_decoded_and_encoded_in_chunks_equal_whole_tensors(pair, bases, kind, keep, tmp_path, monkeypatch):
+    """FP8 weights are read (and, kept, re-encoded) in chunks of row blocks: the same bytes as one chunk per tensor."""
+    from converter import merge
+
+    args = ["--adapter", pair / "adapter", "--verify", "modules"] + (["--keep-quantization"] if keep else [])
+    assert run_converter("merge", "--base", bases(kind), "--output", tmp_path / "whole", *args) == 0
+    monkeypatch.setattr(merge, "CHUNK_ELEMS", {"cpu": 1, "cuda": 1})  # 64 rows a chunk: 128-row weights in 2
+    chunks = merge.row_chunks(128, 64, 1, 24)
+    assert chunks == [(0, 72), (72, 128)]
+    assert run_converter("merge", "--base", bases(kind), "--output", tmp_path / "chunked", *args) == 0
+    whole, chunked = read_output(tmp_path / "whole"), read_output(tmp_path / "chunked")
+    assert set(whole) == set(chunked)
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), chunked[name].view(torch.uint8)), name
+    if keep:
+        assert receipt(tmp_path / "chunked")["base"]["format"]["requantized"]["tensors"] == 6

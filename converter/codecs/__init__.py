@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
-from converter.checkpoint import Checkpoint, TensorSpec, quantization_format
+from converter.checkpoint import Checkpoint, RowSource, TensorSpec, quantization_format
 from converter.errors import BadInputError, UnsupportedBaseError
 
 DEQUANTIZE_FIX = ("merge into a dequantized copy of the base: its bfloat16/float16 release, or the base loaded with "
@@ -57,6 +58,23 @@ class Codec:
 
     def encode(self, stored: Stored, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored tensors (by checkpoint name) of a new value of the weight, in the base's own layout."""
+        raise NotImplementedError
+
+    def row_block(self, stored: Stored) -> int | None:
+        """Rows decode on their own in groups of this many (``decode_rows``); None: whole weights only."""
+        return None
+
+    def decode_rows(self, stored: Stored, codes: torch.Tensor, parts: dict[str, torch.Tensor], r0: int,
+                    r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the weight (float32) from the same rows of its codes and its other (whole) stored tensors."""
+        raise NotImplementedError
+
+    def encode_block(self, stored: Stored) -> int | None:
+        """Rows encode on their own in groups of this many (``encode_rows``); None: whole weights only."""
+        return None
+
+    def encode_rows(self, stored: Stored, rows: torch.Tensor, r0: int) -> list[tuple[str, int, torch.Tensor]]:
+        """The stored tensors of rows r0:r0+len(rows) of a new value: (name, first row of that tensor, rows)."""
         raise NotImplementedError
 
     def encoded_specs(self, stored: Stored) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -110,6 +128,8 @@ class DecodedCheckpoint(Checkpoint):
     def __init__(self, raw: Checkpoint, codec: Codec, stored: dict[str, Stored]):
         self.directory, self.files, self._bins = raw.directory, raw.files, raw._bins
         self.raw, self.codec, self.stored = raw, codec, stored
+        self._parts: dict[str, torch.Tensor] = {}
+        self._parts_of: tuple | None = None
         hidden = {spec.name for s in stored.values() for spec in s.parts.values()}
         self.specs = {}
         for name, spec in raw.specs.items():
@@ -124,6 +144,24 @@ class DecodedCheckpoint(Checkpoint):
         if stored is None:
             return self.raw.get(name)
         return self.codec.decode(stored, {role: self.raw.get(spec.name) for role, spec in stored.parts.items()})
+
+    def row_source(self, name: str) -> RowSource | None:
+        """A stored weight's rows: its codes' byte range, decoded on the device by the codec; else the raw tensor's."""
+        stored = self.stored.get(name)
+        if stored is None:
+            return self.raw.row_source(name)
+        block = self.codec.row_block(stored)
+        codes = self.raw.specs[stored.parts["codes"].name]
+        if block is None or codes.start is None:
+            return None
+        return RowSource(codes, partial(self._decode_rows, stored), block)
+
+    def _decode_rows(self, stored: Stored, codes: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        if self._parts_of != (stored.name, codes.device):  # the (small) scales, read once per weight
+            self._parts = {role: self.raw.get(spec.name).to(codes.device) for role, spec in stored.parts.items()
+                           if role != "codes"}
+            self._parts_of = (stored.name, codes.device)
+        return self.codec.decode_rows(stored, codes, self._parts, r0, r1)
 
     def read_order(self, name: str) -> tuple[str, int]:
         """Where the tensor's bytes (its codes) lie, to read the base in file order."""

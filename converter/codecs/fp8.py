@@ -80,14 +80,37 @@ class Fp8(Codec):
 
     def decode(self, stored: Stored, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """codes × scale of their block, in float32."""
-        weight = parts["codes"].to(torch.float32)
-        scale = parts["scale"].to(torch.float32)
+        return self.decode_rows(stored, parts["codes"], parts, 0, stored.shape[-2])
+
+    def row_block(self, stored: Stored) -> int | None:
+        """Rows decode by row blocks (any rows under one scale per tensor); 3-D weights only whole."""
+        return (self.block[0] if self.block else 1) if len(stored.shape) == 2 else None
+
+    def decode_rows(self, stored: Stored, codes: torch.Tensor, parts: dict[str, torch.Tensor], r0: int,
+                    r1: int) -> torch.Tensor:
+        """Rows r0:r1 (r0 on a block boundary): codes × the scale of their block, in float32."""
+        weight = codes.to(torch.float32)
+        scale = parts["scale"].to(device=weight.device, dtype=torch.float32)
         if self.block is None:
             return weight.mul_(scale.reshape(()))
-        return weight.mul_(_expand(scale, self.block, weight.shape))
+        b0 = self.block[0]
+        return weight.mul_(_expand(scale[..., r0 // b0: -(-r1 // b0), :], self.block, weight.shape))
 
     def encode(self, stored: Stored, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Codes and inverse scales of ``weight`` (float32): each block scaled to the float8 range."""
+        codes, inv = self._encode(stored, weight)
+        return {stored.name: codes, stored.parts["scale"].name: inv.reshape(stored.parts["scale"].shape)}
+
+    def encode_block(self, stored: Stored) -> int | None:
+        """Row blocks encode on their own; one scale per tensor needs the whole tensor."""
+        return self.block[0] if self.block and len(stored.shape) == 2 else None
+
+    def encode_rows(self, stored: Stored, rows: torch.Tensor, r0: int) -> list[tuple[str, int, torch.Tensor]]:
+        """Codes of rows r0:r0+n and the scales of their row blocks (r0 on a block boundary)."""
+        codes, inv = self._encode(stored, rows)
+        return [(stored.name, r0, codes), (stored.parts["scale"].name, r0 // self.block[0], inv)]
+
+    def _encode(self, stored: Stored, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         codes_dtype = stored.parts["codes"].dtype
         fmax = torch.finfo(codes_dtype).max
         block = self.block or tuple(weight.shape[-2:])
@@ -100,8 +123,7 @@ class Fp8(Codec):
             scales = 1.0 / inv
         codes = (tiles * scales[..., :, None, :, None]).clamp_(-fmax, fmax).to(codes_dtype)
         codes = codes.flatten(-4, -3).flatten(-2, -1)[..., : weight.shape[-2], : weight.shape[-1]].contiguous()
-        inv = inv.to(stored.parts["scale"].dtype)
-        return {stored.name: codes, stored.parts["scale"].name: inv.reshape(stored.parts["scale"].shape)}
+        return codes, inv.to(stored.parts["scale"].dtype)
 
 
 def _expand(scale: torch.Tensor, block: tuple[int, int], shape) -> torch.Tensor:

@@ -10,7 +10,9 @@ the receipt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +29,7 @@ class Requantized:
     """The re-encoded weights against the dense merge they were encoded from."""
 
     tensors: int = 0
-    max_rel_err: float = 0.0  # max over weights of max |decode(encode(W')) − W'| / max |W'|
+    max_rel_err: float = 0.0  # max over weights (and row blocks) of max |decode(encode(W')) − W'| / max |W'|
 
 
 class KeptFormatWriter:
@@ -65,11 +67,33 @@ class KeptFormatWriter:
         weight = tensor.float()
         encoded = self.codec.encode(stored, weight)
         again = self.codec.decode(stored, {role: encoded[spec.name] for role, spec in stored.parts.items()})
-        err = float((again.float() - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
-        self.requantized.tensors += 1
-        self.requantized.max_rel_err = max(self.requantized.max_rel_err, err)
+        self._account(stored, again, weight, 0)
         for key, value in encoded.items():
             self.inner.write(key, value)
+
+    def rows_block(self, name: str) -> int | None:
+        """A re-encoded weight's rows go in its codec's row blocks (None: whole); others as they come."""
+        stored = self.encoded.get(name)
+        return 1 if stored is None else self.codec.encode_block(stored)
+
+    def row_encoder(self, name: str) -> Callable | None:
+        """For a re-encoded weight: (merged rows, r0) -> its stored tensors' (name, byte offset, rows)."""
+        stored = self.encoded.get(name)
+        return None if stored is None else partial(self._encode_rows, stored)
+
+    def _encode_rows(self, stored: Stored, rows: torch.Tensor, r0: int) -> list[tuple[str, int, torch.Tensor]]:
+        weight = rows.float()
+        pieces = self.codec.encode_rows(stored, weight, r0)
+        roles = {spec.name: role for role, spec in stored.parts.items()}
+        parts = {roles[name]: value for name, _, value in pieces}
+        self._account(stored, self.codec.decode_rows(stored, parts["codes"], parts, 0, len(rows)), weight, r0)
+        return [(name, first * _row_bytes(self.inner.specs[name]), value) for name, first, value in pieces]
+
+    def _account(self, stored: Stored, again: torch.Tensor, weight: torch.Tensor, r0: int) -> None:
+        """The re-encoded value against the dense merge: one more weight (at its first rows), its error."""
+        err = float((again.float() - weight).abs().max() / weight.abs().max().clamp_min(1e-30))
+        self.requantized.tensors += r0 == 0
+        self.requantized.max_rel_err = max(self.requantized.max_rel_err, err)
 
     def write_part(self, name: str, offset: int, tensor: torch.Tensor) -> None:
         """Rows of a tensor that is not stored quantized."""
@@ -91,3 +115,11 @@ class KeptFormatWriter:
     def abort(self) -> None:
         """Close every shard still open."""
         self.inner.abort()
+
+
+def _row_bytes(spec: OutSpec) -> int:
+    """Bytes of one row (first-dimension index) of a planned tensor."""
+    n = spec.dtype.itemsize
+    for d in spec.shape[1:]:
+        n *= d
+    return n
