@@ -398,7 +398,8 @@ def moe_tensor_specs(cfg) -> list[tuple[str, tuple[int, ...]]]:
                 specs += [(f"{stem[:-len('gate_up_proj')]}{e}.w1.weight", (half, value.shape[2])),
                           (f"{stem[:-len('gate_up_proj')]}{e}.w3.weight", (half, value.shape[2]))]
         elif name.endswith("experts.down_proj"):
-            specs += [(f"{stem[:-len('down_proj')]}{e}.w2.weight", tuple(value.shape[1:])) for e in range(value.shape[0])]
+            prefix = stem[:-len("down_proj")]
+            specs += [(f"{prefix}{e}.w2.weight", tuple(value.shape[1:])) for e in range(value.shape[0])]
         else:
             specs.append((stem, tuple(value.shape)))
     return specs
