@@ -21,7 +21,7 @@ from converter.plan import MergePlan, build_plan, needs_peft_engine, pattern_val
 from converter.resources import resolve_device
 from converter.sources import Resolved
 
-ENGINE_VERSION = 2  # part of every fingerprint: a change that alters outputs bumps it
+ENGINE_VERSION = 1  # part of every fingerprint: a change that alters outputs bumps it
 
 
 @dataclass
@@ -97,7 +97,8 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     if engine_reason and isinstance(base, codecs.DecodedCheckpoint):
         raise UnsupportedBaseError(f"{engine_reason}, which merges into the base as transformers loads it; the base "
                                    f"is stored as {base.codec.label}", hint=codecs.DEQUANTIZE_FIX)
-    experts = _experts(job, adapter, base, base_src) if adapter.config.get("target_parameters") else None
+    experts = (expert_plan(adapter, base, base_src.path, job.trust_remote_code)
+               if adapter.config.get("target_parameters") else None)
     plan = None if engine_reason else build_plan(adapter, base, info, experts)
     resolve_device(job.device)
     _check_quantize(job, info)
@@ -108,9 +109,9 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
                   adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)
 
 
-def _experts(job: MergeJob, adapter: Adapter, base: Checkpoint, base_src: Resolved) -> ExpertPlan:
+def expert_plan(adapter: Adapter, base: Checkpoint, base_dir: Path, trust_remote_code: bool) -> ExpertPlan:
     """The adapter's LoRAs on ``target_parameters`` (fused MoE experts...) mapped onto the checkpoint's tensors."""
-    model = meta_model(base_src.path, job.trust_remote_code)
+    model = meta_model(base_dir, trust_remote_code)
     if model is None:
         raise BadInputError(f"the adapter targets parameters ({', '.join(adapter.config['target_parameters'])}), "
                             "which are found through the base's model class, and transformers cannot build it",

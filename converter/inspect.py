@@ -58,18 +58,22 @@ def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revis
 
 
 def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_reason) -> dict:
-    from converter import sources
-    from converter.modelinfo import describe
+    from converter import codecs, sources
+    from converter.inputs import expert_plan
+    from converter.modelinfo import base_config, describe
     from converter.plan import build_plan
 
     src, ckpt = sources.open_base(base, revision, cache_dir=cache_dir, metadata_only=True)  # no weight download
+    ckpt = codecs.decoded(ckpt, base_config(src.path), base)
     info = describe(src.path, list(ckpt.specs))
     out: dict = {"fits": True, "problems": [], "changes": {}, "untie": False, "vocab_size": None,
-                 "architecture": info.cls_path.rpartition(":")[2].rpartition(".")[2] if info.cls_path else info.note}
+                 "architecture": info.cls_path.rpartition(":")[2].rpartition(".")[2] if info.cls_path else info.note,
+                 "format": ckpt.codec.label if isinstance(ckpt, codecs.DecodedCheckpoint) else None}
     if engine_reason:
         return out
     try:
-        plan = build_plan(adapter, ckpt, info)
+        experts = expert_plan(adapter, ckpt, src.path, False) if adapter.config.get("target_parameters") else None
+        plan = build_plan(adapter, ckpt, info, experts)
     except BadInputError as exc:
         out["fits"] = False
         out["problems"] = exc.problems
@@ -97,7 +101,8 @@ def render(s: dict) -> str:
     if s["other"]:
         lines.append(f"other tensors ({len(s['other'])}): " + ", ".join(s["other"][:20]))
     if s["base"] is not None:
-        lines.append(f"against base {s['base']} ({s.get('architecture')}):")
+        fmt = f", stored as {s['format']}: merged into its decoded weights" if s.get("format") else ""
+        lines.append(f"against base {s['base']} ({s.get('architecture')}{fmt}):")
         if s["fits"]:
             c = s.get("counts", {})
             lines.append(f"  fits: {c.get('merge', 0)} tensors merged, {c.get('replace', 0)} replaced, "

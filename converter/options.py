@@ -81,6 +81,8 @@ class MergeJob(BaseModel):
 
     def fingerprint_options(self) -> dict:
         """The options that change what is written (not --force, not where it goes)."""
-        return self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
-                                                     "keep_quantization", "allow_base_mismatch", "max_logit_diff",
-                                                     "max_kl", "min_top1"})
+        options = self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
+                                                        "allow_base_mismatch", "max_logit_diff", "max_kl", "min_top1"})
+        if self.keep_quantization:  # only when set: outputs made before the option existed stay done
+            options["keep_quantization"] = True
+        return options

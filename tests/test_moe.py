@@ -112,3 +112,52 @@ def test_per_expert_adapter_of_transformers_4_merges_as_peft(dtype, tmp_path):
     assert set(ours) == set(theirs)
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_expert_factors_that_do_not_fit_are_refused(tmp_path, capfd):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = make(tmp_path, "mixtral", torch.float32, dict(target_parameters=["mlp.experts.down_proj"]))
+    state = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"
+    state[key] = state[key][:-4]  # one expert's rank short
+    save_file(state, adapter / "adapter_model.safetensors")
+    capfd.readouterr()
+    out = tmp_path / "out"
+    assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", out) == 2
+    err = capfd.readouterr().err
+    assert key in err and "does not fit model.layers.1.mlp.experts.down_proj" in err and "Fix:" in err
+    assert not out.exists()
+
+
+def test_fp8_moe_base_with_expert_lora(tmp_path):
+    """A quantized MoE (Qwen3-MoE with FP8 experts, the Qwen3-30B-A3B-FP8 layout): decoded per expert tensor, the
+    experts' LoRA merged into them; PEFT's merge on the base as transformers dequantizes it is the oracle."""
+    from transformers import FineGrainedFP8Config
+
+    from factories import fp8_block_scaled
+
+    dense, adapter = make(tmp_path, "qwen3_moe", torch.bfloat16, dict(target_parameters=["gate_up_proj", "down_proj"],
+                                                                      target_modules=["q_proj"]))
+    base = fp8_block_scaled(dense, tmp_path / "fp8", block=(16, 16))
+    out = tmp_path / "out"
+    assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", out, "--verify", "full") == 0
+    rec = receipt(out)
+    assert rec["base"]["format"]["decoded"] > 16 and rec["verification"]["level"] == "full"
+    model_cls = type(build_moe("qwen3_moe"))
+    q = FineGrainedFP8Config(dequantize=True, weight_block_size=[16, 16])
+    ref = model_cls.from_pretrained(base, quantization_config=q, dtype=torch.bfloat16)
+    PeftModel.from_pretrained(ref, adapter).merge_and_unload().save_pretrained(tmp_path / "oracle")
+    ours, theirs = read(out / "model.safetensors"), read(tmp_path / "oracle" / "model.safetensors")
+    assert set(ours) == set(theirs) and not any(k.endswith("_scale_inv") for k in ours)
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_inspect_maps_expert_lora_onto_the_checkpoint(tmp_path, capfd):
+    base, adapter = make(tmp_path, "mixtral", torch.float32, dict(target_parameters=["mlp.experts.gate_up_proj"]))
+    capfd.readouterr()
+    assert run_converter("inspect", adapter, "--base", base) == 0
+    out = capfd.readouterr().out
+    assert "fits: 16 tensors merged" in out, out  # w1 and w3 of 4 experts in 2 layers
+    assert "merge    model.layers.1.block_sparse_moe.experts.3.w3.weight" in out

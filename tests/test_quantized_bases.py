@@ -416,3 +416,16 @@ def test_fp8_rows_decoded_and_encoded_in_chunks_equal_whole_tensors(pair, bases,
         assert torch.equal(whole[name].view(torch.uint8), chunked[name].view(torch.uint8)), name
     if keep:
         assert receipt(tmp_path / "chunked")["base"]["format"]["requantized"]["tensors"] == 6
+
+
+def test_inspect_and_validate_read_a_quantized_base(pair, bases, tmp_path, capfd):
+    capfd.readouterr()
+    assert run_converter("inspect", pair / "adapter", "--base", bases("nf4")) == 0
+    out = capfd.readouterr().out
+    assert "stored as bitsandbytes 4-bit nf4" in out and "fits: 6 tensors merged" in out, out
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(json.dumps({"output_root": str(tmp_path / "o"), "jobs": [
+        {"id": "q", "base": {"path": str(bases("fp8"))}, "adapter": {"path": str(pair / "adapter")}, "output": "q",
+         "keep_quantization": True}]}))
+    assert run_converter("validate", manifest) == 0, capfd.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -126,7 +126,7 @@ class DecodedCheckpoint(Checkpoint):
     read; its scales and quant state are not tensors of the model. Other tensors are read as they are."""
 
     def __init__(self, raw: Checkpoint, codec: Codec, stored: dict[str, Stored]):
-        self.directory, self.files, self._bins = raw.directory, raw.files, raw._bins
+        self.directory, self.files, self._bins, self.readable = raw.directory, raw.files, raw._bins, raw.readable
         self.raw, self.codec, self.stored = raw, codec, stored
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_of: tuple | None = None
