@@ -240,7 +240,7 @@ def model_card(receipt: Receipt) -> str:
              "tags:", "- merged-adapter", f"- {peft_type.lower()}", "---", "", f"# {receipt.job_id}", "",
              f"This checkpoint is `{receipt.base_name()}` with the {peft_type} adapter `{receipt.adapter_name()}` "
              "merged into its weights; it loads with `from_pretrained` and needs no PEFT at inference.", "",
-             f"- output dtype: {receipt.dtype}",
+             f"- output dtype: {receipt.dtype}" + _format_line(receipt.base.format),
              f"- tensors merged / replaced / copied / added: {c.merged} / {c.replaced} / {c.copied} / {c.added}",
              f"- verification: {v.level} ({'passed' if v.passed else 'not passed'})"]
     if v.full:
@@ -249,6 +249,17 @@ def model_card(receipt: Receipt) -> str:
     if v.modules:
         lines.append(f"  - module probes: {v.modules.checked} modules, max relative error {v.modules.max_rel_err:.3g}")
     return "\n".join(lines + ["", f"`{RECEIPT}` beside this card is the full receipt of the conversion.", ""])
+
+
+def _format_line(fmt: BaseFormat | None) -> str:
+    """How the card says the base was stored, and how this checkpoint is."""
+    if fmt is None:
+        return ""
+    line = f"\n- base stored as {fmt.codec}: merged into its dequantized weights"
+    if fmt.output == "kept" and fmt.requantized:
+        line += (f"; this checkpoint keeps that format ({fmt.requantized.tensors} weights re-encoded, max relative "
+                 f"error {fmt.requantized.max_rel_err:.3g} against the dense merge)")
+    return line + ("" if fmt.output == "kept" else "; this checkpoint is dense")
 
 
 def variant_card(receipt: Receipt, variant: Variant, merged_name: str, tag: str) -> str:

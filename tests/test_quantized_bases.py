@@ -213,6 +213,7 @@ def test_merge_into_quantized_base_equals_peft_on_dequantized_base(pair, bases, 
     assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
     rec = receipt(out)
     assert rec["base"]["format"]["decoded"] == 14 and rec["base"]["format"]["output"] == "dense"
+    assert "merged into its dequantized weights; this checkpoint is dense" in (out / "README.md").read_text()
     assert rec["counts"]["merged"] == 6 and rec["counts"]["changed"] == 6
     assert digest(base) == before
 
@@ -273,6 +274,7 @@ def test_keep_quantization_round_trip(pair, bases, kind, tmp_path):
             elif name.endswith(".weight") and mine.dtype != torch.bfloat16:
                 assert not torch.equal(mine.view(torch.uint8), theirs.view(torch.uint8)), name  # re-encoded
     rec = receipt(kept)
+    assert "this checkpoint keeps that format (6 weights re-encoded" in (kept / "README.md").read_text()
     fmt = rec["base"]["format"]
     assert fmt["output"] == "kept" and fmt["requantized"]["tensors"] == 6
     assert 0 < fmt["requantized"]["max_rel_err"] < (0.2 if kind.startswith("nf4") else 0.05)
