@@ -86,6 +86,9 @@ class Figures(_Part):
 
 class FullCheck(Figures):
     tolerance: dict
+    how: str = "in memory"  # "in memory" (both models loaded whole) | "streamed" (block by block from disk)
+    seconds: float | None = None
+    peak_rss_bytes: int | None = None  # this process's peak while the check ran
 
 
 class ModuleCheck(_Part):
@@ -207,7 +210,7 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
         vocab_size=merged.vocab_size, kept_files=kept, verification=verification, quantization=variants,
         warnings=[str(w) for w in warnings], versions=versions(),
         host={"hostname": socket.gethostname(), "device": str(resolve_device(job.device))},
-        peak_rss_bytes={"merge": merged.peak_rss, "total": peak_rss_bytes()}, timings=timings)
+        peak_rss_bytes={"merge": merged.peak_rss, "total": max(merged.peak_rss, peak_rss_bytes())}, timings=timings)
 
 
 def _base_format(inputs: "Inputs", merged: "Merged") -> BaseFormat | None:

@@ -22,6 +22,8 @@ import torch
 from converter import lora_math
 from converter.errors import VerificationError
 from converter.receipt import Figures, FullCheck, ModuleCheck, Verification
+from converter.resources import peak_rss_bytes, reset_peak_rss
+from converter.streamed import StreamUnsupported, streamed_figures
 
 if TYPE_CHECKING:
     from converter.adapter import Adapter
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from converter.plan import LoraOp
 
 log = logging.getLogger("converter")
+
+# End-to-end checks of models above this size (float32 bytes), or of models that do not fit, run streamed block
+# by block (converter.streamed); smaller ones load both models whole, which is faster.
+STREAM_ABOVE_BYTES = 1 << 30
 
 # Relative error of a probe through a merged weight, by output dtype (rounding only).
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -135,14 +141,20 @@ def verify_job(job: "MergeJob", inputs: "Inputs", merged_dir: Path, probes, voca
     done = Verification(requested=job.verify, level="modules" if modules else "none", modules=modules)
     if job.verify != "full":
         return done
-    skipped = _why_not_full(inputs, model_fits)
+    skipped = _why_not_full(inputs)
+    how = "in memory" if model_fits and inputs.base.fp32_bytes() <= STREAM_ABOVE_BYTES else "streamed"
+    if inputs.codec and inputs.codec.unloadable(inputs.base.stored):
+        how = "streamed"  # transformers cannot load this base; our codec reads it
+    kept = job.keep_quantization and inputs.codec is not None  # the output is in the base's quantized format
+    t = time.perf_counter()
+    reset_peak_rss()
+    try:
+        figures = None if skipped else _end_to_end(how, job, inputs, merged_dir, vocab_size, kept)
+    except StreamUnsupported as exc:
+        skipped = f"full verification skipped, modules only: the streamed run failed for this model ({exc})"
     if skipped:
         log.warning(skipped)
         return done.model_copy(update={"note": skipped})
-    t = time.perf_counter()
-    kept = job.keep_quantization and inputs.codec is not None  # the output is in the base's quantized format
-    figures = full_verification(inputs.info.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
-                                vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept)
     timings["verify_s"] = round(time.perf_counter() - t, 3)
     tol = Tolerance.for_dtype(inputs.out_dtype, job.max_logit_diff, job.max_kl, job.min_top1,
                               inputs.codec.kept_tolerance if kept else None)
@@ -155,8 +167,27 @@ def verify_job(job: "MergeJob", inputs: "Inputs", merged_dir: Path, probes, voca
         raise VerificationError(f"the merged model's outputs differ from the unmerged adapter's: "
                                 f"{'; '.join(failures)}. Nothing was published. Loosen --max-logit-diff/--max-kl/"
                                 "--min-top1 only if this is expected (e.g. a narrow --dtype)")
-    full = FullCheck(**figures.model_dump(), tolerance=asdict(tol))
+    full = FullCheck(**figures.model_dump(), tolerance=asdict(tol), how=how, seconds=timings["verify_s"],
+                     peak_rss_bytes=peak_rss_bytes())
     return done.model_copy(update={"level": "full", "full": full})
+
+
+def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, vocab_size: int | None,
+                kept: bool) -> Figures:
+    """The merged model against the unmerged adapter: whole models in memory, or streamed block by block."""
+    if how == "in memory":
+        return full_verification(inputs.info.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
+                                 vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept)
+    from converter.checkpoint import Checkpoint
+    from converter.codecs import decoded
+    from converter.modelinfo import base_config, describe
+    from converter.resources import resolve_device
+
+    merged = decoded(Checkpoint(merged_dir), base_config(merged_dir), str(merged_dir))
+    merged_info = describe(merged_dir, list(merged.specs), job.trust_remote_code)
+    return streamed_figures(inputs.info.model_cls, inputs.base, inputs.base_src.path, inputs.info.model_to_ckpt,
+                            inputs.adapter, merged, merged_info.model_to_ckpt, vocab_size, resolve_device(job.device),
+                            job.trust_remote_code)
 
 
 def routes_experts(config: dict) -> bool:
@@ -180,14 +211,9 @@ def _module_check(probes, out_dtype: torch.dtype) -> ModuleCheck:
                        tolerance=PROBE_TOLERANCE.get(out_dtype, 1e-2))
 
 
-def _why_not_full(inputs: "Inputs", model_fits: bool) -> str | None:
+def _why_not_full(inputs: "Inputs") -> str | None:
     if not inputs.info.instantiable:
         return f"full verification skipped, modules only: {inputs.info.note}"
-    if not model_fits:
-        return "full verification skipped, modules only: the model does not fit this worker's memory"
-    unloadable = inputs.codec.unloadable(inputs.base.stored) if inputs.codec else None
-    if unloadable:
-        return f"full verification skipped, modules only: {unloadable}"
     return None
 
 

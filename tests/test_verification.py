@@ -83,9 +83,10 @@ def test_unknown_architecture_degrades_to_modules(pair):
             assert same_as_peft(ours[k], v), k
 
 
-def test_too_large_for_memory_degrades_to_modules(pair, monkeypatch):
-    monkeypatch.setattr(converter.verify, "fits_in_memory", lambda n: False)
+def test_too_large_for_memory_is_verified_streamed(pair, monkeypatch):
+    """A model that does not fit the worker: end-to-end figures all the same, block by block from disk."""
     monkeypatch.setattr("converter.convert.fits_in_memory", lambda n: False)
     assert _merge(pair) == 0
     v = receipt(pair / "out")["verification"]
-    assert v["level"] == "modules" and "does not fit" in v["note"]
+    assert v["level"] == "full" and v["full"]["how"] == "streamed" and v["note"] is None
+    assert v["full"]["kl"] < v["full"]["tolerance"]["max_kl"] and v["full"]["seconds"] > 0

@@ -1,0 +1,282 @@
+"""A model run block by block, each block's weights read from disk as it runs: end-to-end figures at any size.
+
+The model (or the unmerged PeftModel over it) is built by transformers from its config with
+no weights in memory: every parameter of the base is a placeholder on the ``meta`` device, and
+the buffers transformers computes itself (rotary frequencies...) are real. A forward pre-hook on
+each block (every element of the model's ``ModuleList``s, and every other module that holds
+parameters of its own) reads the block's tensors from the checkpoint (``Checkpoint.get``:
+through a quantized base's codec, and fused MoE parameters assembled from per-expert tensors
+as transformers' conversion rules say), casts them to float32 on the device and puts them in
+place; a forward hook puts the placeholders back. The model's own forward runs unchanged, so
+every architecture transformers can build works, and peak memory is one block's weights plus
+the activations. A parameter used outside its block's forward stays a ``meta`` placeholder:
+the run fails loudly instead of reading garbage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from converter.checkpoint import Checkpoint
+from converter.errors import VerificationError
+from converter.experts import ExpertSlice, expert_slices
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One parameter of the model: where it lives, what fills it, and its placeholder."""
+
+    module: nn.Module
+    name: str
+    key: str | None  # the checkpoint tensor that fills it (None: assembled from ``parts``, or not in the checkpoint)
+    placeholder: nn.Parameter
+    parts: list[tuple[str, ExpertSlice]] = field(default_factory=list)  # (checkpoint key, where) of a fused param
+    label: str = ""  # the parameter's name in the model
+
+
+class BlockLoader:
+    """Fills a model's base parameters block by block from a checkpoint, on ``device``, in float32.
+
+    Made on the model as ``empty_model`` built it (its parameters are the base's); ``attach``
+    after PEFT wrapped it (the adapter's own tensors stay in memory, loaded by PEFT)."""
+
+    def __init__(self, model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str], device: torch.device,
+                 provided: frozenset[str] = frozenset()):
+        self.ckpt, self.device = ckpt, device
+        self.slots = _slots(model, ckpt, model_to_ckpt, provided)
+        self.missing = [s.label for ss in self.slots.values() for s in ss if s.key is None and not s.parts]
+        self.hooks: list = []
+        self.loaded_bytes = 0  # read from the checkpoint in all
+        self.live_bytes = self.peak_live_bytes = 0  # held at once (one block's, between its hooks)
+
+    def attach(self, root: nn.Module) -> None:
+        """Put the placeholders in, and hook every block of ``root`` (the model, or the PeftModel around it)."""
+        for slot in (s for ss in self.slots.values() for s in ss):
+            slot.module._parameters[slot.name] = slot.placeholder
+        for block in _blocks(root, self.slots):
+            mine = [s for m in block.modules() for s in self.slots.get(id(m), [])]
+            if mine:
+                self.hooks.append(block.register_forward_pre_hook(lambda mod, args, slots=mine: self._load(slots)))
+                self.hooks.append(block.register_forward_hook(lambda mod, args, out, slots=mine: self._free(slots)))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    def _load(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            value = self._value(slot)
+            self.loaded_bytes += value.numel() * value.element_size()
+            self.live_bytes += value.numel() * value.element_size()
+            slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+
+    def _free(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            value = slot.module._parameters[slot.name]
+            if value is not slot.placeholder:
+                self.live_bytes -= value.numel() * value.element_size()
+            slot.module._parameters[slot.name] = slot.placeholder
+
+    def _value(self, slot: _Slot) -> torch.Tensor:
+        shape = tuple(slot.placeholder.shape)
+        if slot.key is not None:
+            stored = self.ckpt.get(slot.key).to(device=self.device, dtype=torch.float32)
+            if tuple(stored.shape) == shape:
+                return stored
+            return _resized(stored, shape)  # a vocabulary the adapter resized: the base's rows, zeros after
+        value = torch.empty(shape, dtype=torch.float32, device=self.device)
+        for key, where in slot.parts:
+            part = value if where.expert is None else value[where.expert]
+            if where.span is not None:
+                part = part.narrow(part.dim() - 2 + where.dim, where.span.start, where.span.stop - where.span.start)
+            stored = self.ckpt.get(key).to(device=self.device, dtype=torch.float32)
+            part.copy_(stored.transpose(-2, -1) if where.transpose else stored)
+        return value
+
+
+def _resized(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    value = torch.zeros(shape, dtype=stored.dtype, device=stored.device)
+    rows = min(shape[0], stored.shape[0])
+    value[:rows] = stored[:rows]
+    return value
+
+
+def _slots(model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str],
+           provided: frozenset[str]) -> dict[int, list[_Slot]]:
+    """Every parameter of ``model`` (by its module's id): the checkpoint key (or expert parts) that fills it;
+    not those the adapter file holds whole (``provided``: PEFT loads them)."""
+    aliases: dict[int, list[str]] = {}  # a parameter's names (tied ones have several)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    keys = {pid: next((k for k in (_key_of(n, model, ckpt, model_to_ckpt) for n in names) if k), None)
+            for pid, names in aliases.items()}
+    fused = _fused_parts(model, ckpt, [names[0] for pid, names in aliases.items() if keys[pid] is None])
+    slots: dict[int, list[_Slot]] = {}
+    for module_name, module in model.named_modules():  # a module shared by two parents (T5's embeddings): once
+        for name, param in list(module._parameters.items()):
+            if param is None or provided.intersection(aliases[id(param)]):
+                continue
+            placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+            label = aliases[id(param)][0]
+            slots.setdefault(id(module), []).append(_Slot(module, name, keys[id(param)], placeholder,
+                                                          fused.get(label, []), label))
+    return slots
+
+
+def _key_of(name: str, model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str]) -> str | None:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name] + ([name[len(prefix) + 1:]] if prefix and name.startswith(prefix + ".") else []) + \
+        ([f"{prefix}.{name}"] if prefix else [])
+    for cand in candidates:
+        if cand in model_to_ckpt:
+            return model_to_ckpt[cand]
+        if cand in ckpt.specs:
+            return cand
+    return None
+
+
+def _fused_parts(model: nn.Module, ckpt: Checkpoint, unresolved: list[str]) -> dict[str, list]:
+    """Parameters built from several checkpoint tensors (fused MoE experts), by transformers' conversion rules."""
+    if not unresolved:
+        return {}
+    try:
+        slices = expert_slices(model, {k: s.shape for k, s in ckpt.specs.items()}, params=set(unresolved))
+    except Exception:  # noqa: BLE001 - a layout we cannot invert: those parameters stay missing (named)
+        return {}
+    parts: dict[str, list] = {}
+    for key, where in slices.items():
+        parts.setdefault(where.param, []).append((key, where))
+    return parts
+
+
+def _blocks(root: nn.Module, slots: dict[int, list[_Slot]]) -> list[nn.Module]:
+    """The elements of every ModuleList (outermost), and every other module holding parameters outside them."""
+    blocks: list[nn.Module] = []
+    inside: set[int] = set()
+    for _, module in root.named_modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, nn.ModuleList) and any(slots.get(id(m)) for m in module.modules()):
+            for child in module:
+                blocks.append(child)
+                inside.update(id(m) for m in child.modules())
+            inside.add(id(module))
+        elif slots.get(id(module)):  # with the modules inside it: one block
+            blocks.append(module)
+            inside.update(id(m) for m in module.modules())
+    return blocks
+
+
+def empty_model(model_cls, model_dir: Path, trust_remote_code: bool = False, real: tuple[str, ...] = ()) -> nn.Module:
+    """The model transformers builds from ``model_dir``'s config, in float32, with no weights: each parameter a
+    CPU tensor of one element seen at its shape (PEFT can wrap it: its layers are made where the base layer is),
+    buffers computed on the CPU. Modules named by ``real`` (names or suffixes: PEFT's ``modules_to_save``, which it
+    copies, and modules whose tensors the adapter file holds, which it loads) get uninitialised tensors of their own."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    for key in ("quantization_config", "compression_config"):
+        if hasattr(config, key):
+            delattr(config, key)  # the weights come decoded from the checkpoint, never as codes
+    with warnings.catch_warnings(), init_empty_weights(include_buffers=False):
+        warnings.simplefilter("ignore")
+        model = model_cls._from_config(config, dtype=torch.float32)
+    model.tie_weights()  # as from_pretrained does (outside accelerate's context, which would re-register it)
+    made: dict[int, nn.Parameter] = {}  # by the original's id: tied parameters stay one
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        own = any(module_name == r or module_name.endswith("." + r) for r in real)
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            if id(param) not in made:
+                value = torch.empty(param.shape) if own else torch.zeros((), dtype=param.dtype).expand(param.shape)
+                made[id(param)] = nn.Parameter(value, requires_grad=False)
+            module._parameters[name] = made[id(param)]
+    return model.eval()
+
+
+class StreamUnsupported(Exception):
+    """The streamed run cannot be made for this model (parameters found nowhere, or used outside their block)."""
+
+
+def streamed_outputs(model: nn.Module, loader: BlockLoader, root: nn.Module, inputs: dict, device: torch.device):
+    """``model_outputs`` of ``root`` (the model, or the PeftModel around it) with ``loader`` filling its blocks."""
+    from converter.verify import model_outputs
+
+    loader.attach(root)
+    _to_device(root, device)
+    try:
+        logits, is_logits = model_outputs(root, {k: v.to(device) for k, v in inputs.items()})
+        return logits.cpu(), is_logits
+    except (RuntimeError, NotImplementedError, ValueError) as exc:  # a meta placeholder used outside its block
+        raise StreamUnsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
+    finally:
+        loader.detach()
+
+
+def adapter_held(adapter) -> frozenset[str]:
+    """The base's parameters the adapter file holds whole (an embedding saved beside its LoRA, a trained bias):
+    PEFT loads them over the base's, so the streamed run leaves them to it."""
+    from converter.plan import split_key
+
+    held = set()
+    for key in adapter.keys():
+        module, role = split_key(key)
+        if role in ("replace_weight", "replace_bias"):
+            held.add(f"{module}.{role.removeprefix('replace_')}")
+        elif role == "full" and ".modules_to_save." not in module:
+            held.add(module)
+    return frozenset(held)
+
+
+def _to_device(root: nn.Module, device: torch.device) -> None:
+    """Everything held in memory (buffers, the adapter's tensors) onto ``device``; placeholders stay on meta."""
+    if device.type == "cpu":
+        return
+    for module in root.modules():
+        for store in (module._parameters, module._buffers):
+            for name, value in list(store.items()):
+                if value is not None and value.device.type != "meta":
+                    moved = value.to(device)
+                    store[name] = nn.Parameter(moved, requires_grad=False) if store is module._parameters else moved
+
+
+def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, model_to_ckpt: dict[str, str], adapter,
+                     merged: Checkpoint, merged_to_ckpt: dict[str, str], vocab_size: int | None,
+                     device: torch.device, trust_remote_code: bool = False):
+    """Figures of the merged checkpoint against the unmerged PeftModel (``adapter``: converter.adapter.Adapter),
+    both run block by block from disk."""
+    from peft import PeftModel
+
+    from converter.verify import compare, probe_inputs
+
+    provided = adapter_held(adapter)
+    real = tuple(adapter.config.get("modules_to_save") or ()) + tuple(p.rpartition(".")[0] for p in provided)
+    model = empty_model(model_cls, base_dir, trust_remote_code, real)
+    if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    loader = BlockLoader(model, base, model_to_ckpt, device, provided)
+    if loader.missing:
+        raise StreamUnsupported(f"no tensor of the base is found for {', '.join(loader.missing[:5])}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unmerged = PeftModel.from_pretrained(model, adapter.directory).eval()
+    inputs = probe_inputs(model.config)
+    ref, is_logits = streamed_outputs(model, loader, unmerged, inputs, device)
+    del unmerged, model, loader
+    model = empty_model(model_cls, merged.directory, trust_remote_code)
+    loader = BlockLoader(model, merged, merged_to_ckpt, device)
+    if loader.missing:
+        raise VerificationError(f"the merged checkpoint has no tensor for {', '.join(loader.missing[:5])}: "
+                                "the model it describes cannot be built from it. Nothing was published")
+    got, _ = streamed_outputs(model, loader, model, inputs, device)
+    return compare(ref, got, is_logits)
