@@ -3,8 +3,6 @@ memory, for every kind of model we merge, one block's weights held at a time, an
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
