@@ -24,8 +24,8 @@ from converter.grouping import group_key
 from converter.inputs import Ready, inspect_job
 from converter.options import MergeJob
 from converter.receipt import Receipt, build_receipt, dtype_name
-from converter.resources import resolve_device
-from converter.verify import fits_in_memory, verify_job
+from converter.resources import merge_device
+from converter.verify import fits_in_memory, import_in_background, verify_job
 
 log = logging.getLogger("converter")
 
@@ -146,8 +146,9 @@ def _convert_group(members: list[Ready]) -> Iterator[Outcome]:
 
 
 def _merge(members: list[Ready]) -> Outcomes:
+    import_in_background(members)  # what verification needs, while the merge runs
     t = time.perf_counter()
-    outcomes = run_engine(members, resolve_device(members[0].job.device))
+    outcomes = run_engine(members, merge_device(members[0].job.device, members[0].inputs.codec is not None))
     seconds = _since(t)
     for r in members:
         r.timings.update(merge_s=seconds, merge_share_s=round(seconds / len(members), 3))

@@ -195,7 +195,7 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
                   variants: list[Variant], kept: list[str], warnings: list["JobWarning"], timings: dict,
                   base_files: dict[str, str]) -> Receipt:
     """The receipt of a finished job, from what each step produced."""
-    from converter.resources import peak_rss_bytes, resolve_device, versions
+    from converter.resources import forward_device, merge_device, peak_rss_bytes, versions
 
     config = inputs.adapter.config
     return Receipt(
@@ -209,7 +209,8 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
         counts=merged.counts, dtype=dtype_name(inputs.out_dtype), untied_embeddings=merged.untie,
         vocab_size=merged.vocab_size, kept_files=kept, verification=verification, quantization=variants,
         warnings=[str(w) for w in warnings], versions=versions(),
-        host={"hostname": socket.gethostname(), "device": str(resolve_device(job.device))},
+        host={"hostname": socket.gethostname(), "device": str(merge_device(job.device, inputs.codec is not None)),
+              "forward_device": str(forward_device(job.device))},
         peak_rss_bytes={"merge": merged.peak_rss, "total": max(merged.peak_rss, peak_rss_bytes())}, timings=timings)
 
 

@@ -21,6 +21,26 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def merge_device(device: str, quantized: bool) -> torch.device:
+    """Where a job's merge runs. ``auto``: on the CPU, since reading and writing bound it (on the GPU machine it
+    measured no faster), except for a quantized base, whose decoding and re-encoding a GPU does far faster."""
+    if device == "auto":
+        return resolve_device("auto") if quantized else torch.device("cpu")
+    return resolve_device(device)
+
+
+def forward_device(device: str) -> torch.device:
+    """Where full verification's forward passes run (``auto``: the GPU when there is one; they are compute-bound)."""
+    return resolve_device(device)
+
+
+def uses_gpu(device: str, verify: str, quantized: bool, has_gpu: bool) -> bool:
+    """Whether a job will use a GPU (a Ray task claims one only then)."""
+    if device != "auto":
+        return device == "cuda"
+    return has_gpu and (verify == "full" or quantized)
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark for this process (Linux); False where unsupported."""
     try:

@@ -16,13 +16,14 @@ the run fails loudly instead of reading garbage.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from converter.checkpoint import Checkpoint
+from converter.checkpoint import Checkpoint, read_into
 from converter.errors import VerificationError
 from converter.experts import ExpertSlice, expert_slices
 
@@ -53,6 +54,12 @@ class BlockLoader:
         self.hooks: list = []
         self.loaded_bytes = 0  # read from the checkpoint in all
         self.live_bytes = self.peak_live_bytes = 0  # held at once (one block's, between its hooks)
+        self._pool: dict[tuple, list[torch.Tensor]] = {}  # float32 buffers freed by earlier blocks, by shape
+        self._staging = torch.empty(0, dtype=torch.uint8)  # the bytes of one stored tensor
+        self._order: list[list[_Slot]] = []  # the blocks, in the order they are expected to run
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-block")
+        self._ahead: tuple[int, Future] | None = None  # the next block's bytes, being read while this one runs
+        self._arena = torch.empty(0, dtype=torch.uint8)  # where they are read
 
     def attach(self, root: nn.Module) -> None:
         """Put the placeholders in, and hook every block of ``root`` (the model, or the PeftModel around it)."""
@@ -61,52 +68,103 @@ class BlockLoader:
         for block in _blocks(root, self.slots):
             mine = [s for m in block.modules() for s in self.slots.get(id(m), [])]
             if mine:
-                self.hooks.append(block.register_forward_pre_hook(lambda mod, args, slots=mine: self._load(slots)))
+                index = len(self._order)
+                self._order.append(mine)
+                self.hooks.append(block.register_forward_pre_hook(lambda mod, args, i=index: self._load(i)))
                 self.hooks.append(block.register_forward_hook(lambda mod, args, out, slots=mine: self._free(slots)))
 
     def detach(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks; wait for a read still running."""
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+        self._take(-1)
+        self._reader.shutdown()
 
-    def _load(self, slots: list[_Slot]) -> None:
+    def _load(self, index: int) -> None:
+        slots = self._order[index]
+        read = self._take(index)
         for slot in slots:
-            value = self._value(slot)
+            value = self._value(slot, read)
             self.loaded_bytes += value.numel() * value.element_size()
             self.live_bytes += value.numel() * value.element_size()
             slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        if index + 1 < len(self._order):  # the next block's bytes, read while this one runs
+            self._ahead = (index + 1, self._reader.submit(self._read_block, self._order[index + 1]))
+
+    def _take(self, index: int) -> dict[str, torch.Tensor]:
+        """The bytes read ahead for block ``index`` (empty when another block was read ahead)."""
+        if self._ahead is None:
+            return {}
+        ahead, future = self._ahead
+        self._ahead = None
+        read = future.result()
+        return read if ahead == index else {}
+
+    def _read_block(self, slots: list[_Slot]) -> dict[str, torch.Tensor]:
+        """The stored bytes of a block's plain tensors, read into the arena (views of it, by key)."""
+        specs = [rows.spec for rows in (self.ckpt.row_source(k) for k in _keys(slots))
+                 if rows is not None and rows.decode is None]
+        total = sum(spec.nbytes for spec in specs)
+        if self._arena.numel() < total:
+            self._arena = torch.empty(total, dtype=torch.uint8)
+        read, at = {}, 0
+        for spec in specs:
+            view = self._arena[at: at + spec.nbytes]
+            read_into(spec, spec.start, view)
+            read[spec.name] = view.view(spec.dtype).view(spec.shape)
+            at += spec.nbytes
+        return read
 
     def _free(self, slots: list[_Slot]) -> None:
         for slot in slots:
             value = slot.module._parameters[slot.name]
             if value is not slot.placeholder:
                 self.live_bytes -= value.numel() * value.element_size()
+                self._pool.setdefault(tuple(value.shape), []).append(value.data)  # the next block's, same shape
             slot.module._parameters[slot.name] = slot.placeholder
 
-    def _value(self, slot: _Slot) -> torch.Tensor:
+    def _value(self, slot: _Slot, read: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The slot's tensor in float32 on the device, in a buffer a block before it used (no fresh pages)."""
         shape = tuple(slot.placeholder.shape)
+        free = self._pool.get(shape)
+        value = free.pop() if free else torch.empty(shape, dtype=torch.float32, device=self.device)
         if slot.key is not None:
-            stored = self.ckpt.get(slot.key).to(device=self.device, dtype=torch.float32)
+            stored = self._on_device(read[slot.key] if slot.key in read else self._stored(slot.key))
             if tuple(stored.shape) == shape:
-                return stored
-            return _resized(stored, shape)  # a vocabulary the adapter resized: the base's rows, zeros after
-        value = torch.empty(shape, dtype=torch.float32, device=self.device)
+                return value.copy_(stored)
+            rows = min(shape[0], stored.shape[0])  # a vocabulary the adapter resized: the base's rows, zeros after
+            value.zero_()[:rows].copy_(stored[:rows])
+            return value
         for key, where in slot.parts:
             part = value if where.expert is None else value[where.expert]
             if where.span is not None:
                 part = part.narrow(part.dim() - 2 + where.dim, where.span.start, where.span.stop - where.span.start)
-            stored = self.ckpt.get(key).to(device=self.device, dtype=torch.float32)
+            stored = self._on_device(read[key] if key in read else self._stored(key))
             part.copy_(stored.transpose(-2, -1) if where.transpose else stored)
         return value
 
+    def _on_device(self, stored: torch.Tensor) -> torch.Tensor:
+        """The stored tensor on the device in its own dtype (the copy moves half the bytes of float32; the
+        widening then runs on the device)."""
+        return stored if stored.device == self.device else stored.to(self.device)
 
-def _resized(stored: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    value = torch.zeros(shape, dtype=stored.dtype, device=stored.device)
-    rows = min(shape[0], stored.shape[0])
-    value[:rows] = stored[:rows]
-    return value
+    def _stored(self, key: str) -> torch.Tensor:
+        """A checkpoint tensor as stored (read into a reused buffer where it is a plain byte range), or decoded."""
+        rows = self.ckpt.row_source(key)
+        if rows is None or rows.decode is not None:
+            return self.ckpt.get(key)
+        spec = rows.spec
+        if self._staging.numel() < spec.nbytes:
+            self._staging = torch.empty(spec.nbytes, dtype=torch.uint8)
+        read_into(spec, spec.start, self._staging[: spec.nbytes])
+        return self._staging[: spec.nbytes].view(spec.dtype).view(spec.shape)
+
+
+def _keys(slots: list[_Slot]) -> list[str]:
+    """The checkpoint tensors a block's slots are filled from."""
+    return [k for s in slots for k in ([s.key] if s.key is not None else [key for key, _ in s.parts])]
 
 
 def _slots(model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str],

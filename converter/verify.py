@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -105,6 +106,8 @@ class RowProbe:
     def __init__(self, cols: int, device):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(cols, PROBE_COLS, generator=g).to(device)
+        self.ax: torch.Tensor | None = None  # A·x, the same for every chunk
+        self.idx: dict[int, torch.Tensor] = {}  # probed rows of a chunk, by its row count
         self.got: list[torch.Tensor] = []
         self.ref: list[torch.Tensor] = []
 
@@ -112,8 +115,12 @@ class RowProbe:
             scale: float) -> None:
         """Probe rows of the chunk starting at row ``r0`` (``start``: its rows before, ``out``: after)."""
         rows = start.shape[0]
-        idx = torch.linspace(0, rows - 1, min(PROBE_ROWS_PER_CHUNK, rows)).round().long().to(out.device)
-        self.ref.append(start[idx].float() @ self.x + scale * (b[r0 + idx] @ (a @ self.x)))
+        if rows not in self.idx:
+            self.idx[rows] = torch.linspace(0, rows - 1, min(PROBE_ROWS_PER_CHUNK, rows)).round().long().to(out.device)
+        idx = self.idx[rows]
+        if self.ax is None:
+            self.ax = a @ self.x
+        self.ref.append(torch.addmm(start[idx].float() @ self.x, b[r0 + idx], self.ax, alpha=scale))
         self.got.append(out[idx].float() @ self.x)
 
     def error(self) -> float:
@@ -124,6 +131,22 @@ class RowProbe:
 # ---------------------------------------------------------------------------------------------------------------------
 # A job's verification: the module probes' figures, then the merged model against the unmerged one.
 # ---------------------------------------------------------------------------------------------------------------------
+
+def check_memory(specs: dict, streamed: bool = False) -> tuple[int, str]:
+    """(bytes, how) full verification holds beyond the runtime, from the tensor headers alone: both models in
+    float32 for one up to STREAM_ABOVE_BYTES (unless ``streamed``), else one block's weights in float32 (twice: in
+    use and reused) and the largest stored tensor's bytes (read ahead and staged)."""
+    model = 4 * sum(s.numel for s in specs.values())
+    if model <= STREAM_ABOVE_BYTES and not streamed:
+        return int(2.5 * model), "in memory"
+    blocks: dict[str, int] = {}
+    for name, spec in specs.items():
+        parts = name.split(".")
+        block = next((".".join(parts[: i + 1]) for i, p in enumerate(parts) if p.isdigit()), name)
+        blocks[block] = blocks.get(block, 0) + 4 * spec.numel
+    largest = max(s.nbytes for s in specs.values())
+    return 2 * max(blocks.values()) + 2 * largest, "streamed"
+
 
 def fits_in_memory(model_bytes_fp32: int) -> bool:
     """Whether two fp32 copies of the model (unmerged and merged, one at a time) plus headroom fit now."""
@@ -181,13 +204,32 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
     from converter.checkpoint import Checkpoint
     from converter.codecs import decoded
     from converter.modelinfo import base_config, describe
-    from converter.resources import resolve_device
+    from converter.resources import forward_device
 
     merged = decoded(Checkpoint(merged_dir), base_config(merged_dir), str(merged_dir))
     merged_info = describe(merged_dir, list(merged.specs), job.trust_remote_code)
     return streamed_figures(inputs.info.model_cls, inputs.base, inputs.base_src.path, inputs.info.model_to_ckpt,
-                            inputs.adapter, merged, merged_info.model_to_ckpt, vocab_size, resolve_device(job.device),
+                            inputs.adapter, merged, merged_info.model_to_ckpt, vocab_size, forward_device(job.device),
                             job.trust_remote_code)
+
+
+def import_in_background(members: list) -> None:
+    """Import what ``full`` verification needs (transformers, PEFT, the model's class) in a thread while the merge
+    runs: the merge itself imports neither, and the import takes seconds."""
+    wanted = [r for r in members if r.job.verify == "full" and r.inputs.info.instantiable]
+    if wanted:
+        threading.Thread(target=_import_models, args=(wanted,), name="import-models", daemon=True).start()
+
+
+def _import_models(members: list) -> None:
+    try:
+        import accelerate  # noqa: F401
+        import peft  # noqa: F401
+
+        for r in members:
+            r.inputs.info.model_cls  # noqa: B018 - imported when first asked for
+    except Exception:  # noqa: BLE001 - the check itself will import them again and report
+        pass
 
 
 def routes_experts(config: dict) -> bool:

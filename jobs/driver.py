@@ -1,8 +1,10 @@
 """The Ray driver for ``converter run``: plan, submit, watch, record, summarise.
 
-Jobs that share a base go in groups; each group is one task, which declares what it needs (CPUs,
-a GPU for CUDA jobs, memory estimated from the largest tensor, the adapters and, for full
-verification, the model) so Ray never packs more jobs onto a node than fit. A task is a Ray
+Jobs that share a base go in groups; each group is one task, which declares what it needs (CPUs;
+a GPU only for jobs that will use one: ``--device cuda``, or ``auto`` with full verification's
+forward passes or a quantized base to decode; memory estimated from the largest tensor, the
+adapters and, for full verification, one block of the model at a time, or both models for a
+small one) so Ray never packs more jobs onto a node than fit. A task is a Ray
 generator: it reports each job's record as that job finishes, and the driver writes it to the
 ledger at once. A worker that dies is retried by Ray (``max_retries``; records already reported
 are not reported again); a job that fails its checks or its verification is recorded as failed
@@ -30,7 +32,7 @@ if not (sys.stdout.isatty() and sys.stderr.isatty()):
 
 import ray  # noqa: E402
 
-from converter import publish, sources  # noqa: E402
+from converter import codecs, publish, sources, verify  # noqa: E402
 from converter.errors import (  # noqa: E402
     EXIT_SIGINT,
     BadInputError,
@@ -42,9 +44,11 @@ from converter.errors import (  # noqa: E402
 )
 from converter.grouping import group_jobs  # noqa: E402
 from converter.manifest import RUN_LOCK, Manifest, load_manifest  # noqa: E402
+from converter.modelinfo import base_config  # noqa: E402
 from converter.options import MergeJob  # noqa: E402
 from converter.quantize import variant_dir  # noqa: E402
 from converter.receipt import RECEIPT, Receipt  # noqa: E402
+from converter.resources import uses_gpu  # noqa: E402
 from jobs.report import Ledger, RunReport  # noqa: E402
 from jobs.tasks import JobRecord  # noqa: E402
 
@@ -77,32 +81,45 @@ def output_lock(root: Path):
 
 
 def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
-    """Bytes a job needs: the streaming merge, plus the model twice over for full verification when that fits."""
-    sizes = _base_sizes(job.base, job.base_revision, job.base_subfolder, job.cache_dir)
-    if sizes is None:  # unknown until the worker fetches it: a conservative guess
+    """Bytes a job needs: the streaming merge, plus full verification (both models for a small one, else one
+    block at a time: ``verify.check_memory``), so large jobs schedule on ordinary workers."""
+    facts = _base_facts(job.base, job.base_revision, job.base_subfolder, job.cache_dir)
+    if facts is None:  # unknown until the worker fetches it: a conservative guess
         return 4 * RUNTIME_BYTES
-    largest_fp32, model_fp32 = sizes
-    adapter_bytes = _adapter_bytes(job)
-    stream = RUNTIME_BYTES + 4 * largest_fp32 + 2 * adapter_bytes
-    if job.verify == "full":
-        full = stream + int(2.5 * model_fp32)
-        if max_node_memory is None or full <= max_node_memory:
-            return full
-    return stream
+    stream = RUNTIME_BYTES + 4 * facts.largest_fp32 + 2 * _adapter_bytes(job)
+    if job.verify != "full":
+        return stream
+    check, how = facts.check
+    if how == "in memory" and max_node_memory is not None and stream + check > max_node_memory:
+        check = facts.streamed_check  # the worker streams what does not fit
+    return stream + check
 
 
 def _adapter_bytes(job: MergeJob) -> int:
     return sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
 
 
+@dataclass(frozen=True)
+class BaseFacts:
+    """What scheduling needs of a base, from its headers and config alone."""
+
+    largest_fp32: int  # its largest tensor, in float32 bytes
+    check: tuple[int, str]  # (bytes, how) of full verification
+    streamed_check: int  # bytes of full verification streamed
+    quantized: bool
+
+
 @functools.lru_cache(maxsize=256)
-def _base_sizes(base: Path, revision, subfolder, cache_dir) -> tuple[int, int] | None:
-    """(largest tensor, whole model) in fp32 bytes, from the headers alone; once per base, not per job."""
+def _base_facts(base: Path, revision, subfolder, cache_dir) -> BaseFacts | None:
+    """Once per base, not per job."""
     try:
-        _, ckpt = sources.open_base(base, revision, subfolder, cache_dir, metadata_only=True)
+        src, ckpt = sources.open_base(base, revision, subfolder, cache_dir, metadata_only=True)
+        quantized = codecs.quant_config_of(base_config(src.path)) is not None
     except BadInputError:
         return None
-    return 4 * max(s.numel for s in ckpt.specs.values()), ckpt.fp32_bytes()
+    specs = ckpt.specs
+    return BaseFacts(4 * max(s.numel for s in specs.values()), verify.check_memory(specs),
+                     verify.check_memory(specs, streamed=True)[0], quantized)
 
 
 def start_ray(address: str | None) -> bool:
@@ -138,7 +155,9 @@ class _Task:
 
 def _submit(group: list[MergeJob], has_gpu: bool, max_mem, fault: str | None):
     job = group[0]
-    gpu = job.device == "cuda" or (job.device == "auto" and has_gpu)
+    facts = _base_facts(job.base, job.base_revision, job.base_subfolder, job.cache_dir)
+    quantized = facts is None or facts.quantized
+    gpu = any(uses_gpu(j.device, j.verify, quantized, has_gpu) for j in group)  # claimed only if used
     # the pass holds a few row chunks per adapter; verification and quantization run one job at a time
     extra = sum(2 * _adapter_bytes(j) + CHUNK_BUFFER_BYTES for j in group[1:])
     opts = {"num_cpus": 1, "num_gpus": 1 if gpu else 0,

@@ -171,3 +171,36 @@ def test_merged_checkpoint_missing_a_tensor_fails(tmp_path, monkeypatch, capfd):
     assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", out) == 1
     assert "has no tensor for model.layers.0.post_attention_layernorm.weight" in capfd.readouterr().err
     assert not out.exists()
+
+
+# -- what a job claims: memory for one block at a time, a GPU only when it will use one ---------------------------
+
+def test_check_memory_follows_the_streamed_check(tmp_path, monkeypatch):
+    from converter.checkpoint import Checkpoint
+
+    cfg = tiny_llama_config(num_hidden_layers=8)
+    ckpt = Checkpoint(save_base(build(cfg), tmp_path / "base"))
+    model = ckpt.fp32_bytes()
+    assert converter.verify.check_memory(ckpt.specs) == (int(2.5 * model), "in memory")
+    monkeypatch.setattr(converter.verify, "STREAM_ABOVE_BYTES", 0)
+    streamed, how = converter.verify.check_memory(ckpt.specs)
+    layer = sum(4 * s.numel for n, s in ckpt.specs.items() if n.startswith("model.layers.3."))
+    largest = max(s.nbytes for s in ckpt.specs.values())
+    assert how == "streamed" and streamed == 2 * max(layer, largest) + 2 * largest < model
+    assert converter.verify.check_memory(ckpt.specs, streamed=True)[0] == streamed
+
+
+@pytest.mark.parametrize("device, verify, quantized, has_gpu, merge, gpu", [
+    ("auto", "full", False, True, "cpu", True),     # merge on the CPU (I/O-bound), forward passes on the GPU
+    ("auto", "none", False, True, "cpu", False),    # nothing for a GPU to do: not claimed
+    ("auto", "modules", True, True, "cuda", True),  # a quantized base's decoding runs on the GPU
+    ("auto", "full", False, False, "cpu", False),
+    ("cpu", "full", True, True, "cpu", False),
+    ("cuda", "none", False, True, "cuda", True),
+])
+def test_device_placement(device, verify, quantized, has_gpu, merge, gpu, monkeypatch):
+    from converter import resources
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+    assert resources.merge_device(device, quantized).type == merge
+    assert resources.uses_gpu(device, verify, quantized, has_gpu) is gpu
