@@ -55,11 +55,10 @@ class BlockLoader:
         self.loaded_bytes = 0  # read from the checkpoint in all
         self.live_bytes = self.peak_live_bytes = 0  # held at once (one block's, between its hooks)
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # float32 buffers freed by earlier blocks, by shape
-        self._staging = torch.empty(0, dtype=torch.uint8)  # the bytes of one stored tensor
         self._order: list[list[_Slot]] = []  # the blocks, in the order they are expected to run
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-block")
         self._ahead: tuple[int, Future] | None = None  # the next block's bytes, being read while this one runs
-        self._arena = torch.empty(0, dtype=torch.uint8)  # where they are read
+        self._arena = torch.empty(0, dtype=torch.uint8)  # where a block's stored bytes are read
 
     def attach(self, root: nn.Module) -> None:
         """Put the placeholders in, and hook every block of ``root`` (the model, or the PeftModel around it)."""
@@ -151,15 +150,16 @@ class BlockLoader:
         return stored if stored.device == self.device else stored.to(self.device)
 
     def _stored(self, key: str) -> torch.Tensor:
-        """A checkpoint tensor as stored (read into a reused buffer where it is a plain byte range), or decoded."""
+        """A checkpoint tensor as stored (read into the arena where it is a plain byte range: nothing was read ahead
+        for this block, so the arena is free), or decoded."""
         rows = self.ckpt.row_source(key)
         if rows is None or rows.decode is not None:
             return self.ckpt.get(key)
         spec = rows.spec
-        if self._staging.numel() < spec.nbytes:
-            self._staging = torch.empty(spec.nbytes, dtype=torch.uint8)
-        read_into(spec, spec.start, self._staging[: spec.nbytes])
-        return self._staging[: spec.nbytes].view(spec.dtype).view(spec.shape)
+        if self._arena.numel() < spec.nbytes:
+            self._arena = torch.empty(spec.nbytes, dtype=torch.uint8)
+        read_into(spec, spec.start, self._arena[: spec.nbytes])
+        return self._arena[: spec.nbytes].view(spec.dtype).view(spec.shape)
 
 
 def _keys(slots: list[_Slot]) -> list[str]:
@@ -272,12 +272,15 @@ def streamed_outputs(model: nn.Module, loader: BlockLoader, root: nn.Module, inp
 
     loader.attach(root)
     _to_device(root, device)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # a reference in float32, never TF32 on a GPU
     try:
         logits, is_logits = model_outputs(root, {k: v.to(device) for k, v in inputs.items()})
         return logits.cpu(), is_logits
     except (RuntimeError, NotImplementedError, ValueError) as exc:  # a meta placeholder used outside its block
         raise StreamUnsupported(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}") from None
     finally:
+        torch.set_float32_matmul_precision(precision)
         loader.detach()
 
 
