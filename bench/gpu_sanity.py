@@ -6,10 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from factories import build, make_adapter, receipt, run_converter, save_base, tiny_llama_config  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 import converter.verify  # noqa: E402
-from factories import build, make_adapter, receipt, run_converter, save_base, tiny_llama_config  # noqa: E402
 
 converter.verify.STREAM_ABOVE_BYTES = 0
 with tempfile.TemporaryDirectory() as d:
