@@ -58,7 +58,7 @@ class BlockLoader:
         self._order: list[list[_Slot]] = []  # the blocks, in the order they are expected to run
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-block")
         self._ahead: tuple[int, Future] | None = None  # the next block's bytes, being read while this one runs
-        self._arena = torch.empty(0, dtype=torch.uint8)  # where a block's stored bytes are read
+        self._arenas = [torch.empty(0, dtype=torch.uint8)] * 2  # a block's stored bytes: block i's in arena i % 2
 
     def attach(self, root: nn.Module) -> None:
         """Put the placeholders in, and hook every block of ``root`` (the model, or the PeftModel around it)."""
@@ -81,16 +81,15 @@ class BlockLoader:
         self._reader.shutdown()
 
     def _load(self, index: int) -> None:
-        slots = self._order[index]
         read = self._take(index)
-        for slot in slots:
-            value = self._value(slot, read)
+        if index + 1 < len(self._order):  # the next block's bytes, read (into the other arena) while this one runs
+            self._ahead = (index + 1, self._reader.submit(self._read_block, index + 1))
+        for slot in self._order[index]:
+            value = self._value(slot, read, index)
             self.loaded_bytes += value.numel() * value.element_size()
             self.live_bytes += value.numel() * value.element_size()
             slot.module._parameters[slot.name] = nn.Parameter(value, requires_grad=False)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-        if index + 1 < len(self._order):  # the next block's bytes, read while this one runs
-            self._ahead = (index + 1, self._reader.submit(self._read_block, self._order[index + 1]))
 
     def _take(self, index: int) -> dict[str, torch.Tensor]:
         """The bytes read ahead for block ``index`` (empty when another block was read ahead)."""
@@ -101,16 +100,22 @@ class BlockLoader:
         read = future.result()
         return read if ahead == index else {}
 
-    def _read_block(self, slots: list[_Slot]) -> dict[str, torch.Tensor]:
-        """The stored bytes of a block's plain tensors, read into the arena (views of it, by key)."""
-        specs = [rows.spec for rows in (self.ckpt.row_source(k) for k in _keys(slots))
+    def _arena(self, index: int, nbytes: int) -> torch.Tensor:
+        """Block ``index``'s arena, at least ``nbytes`` long (pinned for a GPU: faster copies)."""
+        arena = self._arenas[index % 2]
+        if arena.numel() < nbytes:
+            arena = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            self._arenas[index % 2] = arena
+        return arena
+
+    def _read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """The stored bytes of a block's plain tensors, read into its arena (views of it, by key)."""
+        specs = [rows.spec for rows in (self.ckpt.row_source(k) for k in _keys(self._order[index]))
                  if rows is not None and rows.decode is None]
-        total = sum(spec.nbytes for spec in specs)
-        if self._arena.numel() < total:
-            self._arena = torch.empty(total, dtype=torch.uint8)
+        arena = self._arena(index, sum(spec.nbytes for spec in specs))
         read, at = {}, 0
         for spec in specs:
-            view = self._arena[at: at + spec.nbytes]
+            view = arena[at: at + spec.nbytes]
             read_into(spec, spec.start, view)
             read[spec.name] = view.view(spec.dtype).view(spec.shape)
             at += spec.nbytes
@@ -124,13 +129,13 @@ class BlockLoader:
                 self._pool.setdefault(tuple(value.shape), []).append(value.data)  # the next block's, same shape
             slot.module._parameters[slot.name] = slot.placeholder
 
-    def _value(self, slot: _Slot, read: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _value(self, slot: _Slot, read: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         """The slot's tensor in float32 on the device, in a buffer a block before it used (no fresh pages)."""
         shape = tuple(slot.placeholder.shape)
         free = self._pool.get(shape)
         value = free.pop() if free else torch.empty(shape, dtype=torch.float32, device=self.device)
         if slot.key is not None:
-            stored = self._on_device(read[slot.key] if slot.key in read else self._stored(slot.key))
+            stored = self._on_device(read[slot.key] if slot.key in read else self._stored(slot.key, index))
             if tuple(stored.shape) == shape:
                 return value.copy_(stored)
             rows = min(shape[0], stored.shape[0])  # a vocabulary the adapter resized: the base's rows, zeros after
@@ -140,7 +145,7 @@ class BlockLoader:
             part = value if where.expert is None else value[where.expert]
             if where.span is not None:
                 part = part.narrow(part.dim() - 2 + where.dim, where.span.start, where.span.stop - where.span.start)
-            stored = self._on_device(read[key] if key in read else self._stored(key))
+            stored = self._on_device(read[key] if key in read else self._stored(key, index))
             part.copy_(stored.transpose(-2, -1) if where.transpose else stored)
         return value
 
@@ -149,17 +154,16 @@ class BlockLoader:
         widening then runs on the device)."""
         return stored if stored.device == self.device else stored.to(self.device)
 
-    def _stored(self, key: str) -> torch.Tensor:
-        """A checkpoint tensor as stored (read into the arena where it is a plain byte range: nothing was read ahead
-        for this block, so the arena is free), or decoded."""
+    def _stored(self, key: str, index: int) -> torch.Tensor:
+        """A checkpoint tensor as stored (read into block ``index``'s arena where it is a plain byte range: nothing
+        was read ahead for this block, so its arena is free), or decoded."""
         rows = self.ckpt.row_source(key)
         if rows is None or rows.decode is not None:
             return self.ckpt.get(key)
         spec = rows.spec
-        if self._arena.numel() < spec.nbytes:
-            self._arena = torch.empty(spec.nbytes, dtype=torch.uint8)
-        read_into(spec, spec.start, self._arena[: spec.nbytes])
-        return self._arena[: spec.nbytes].view(spec.dtype).view(spec.shape)
+        arena = self._arena(index, spec.nbytes)
+        read_into(spec, spec.start, arena[: spec.nbytes])
+        return arena[: spec.nbytes].view(spec.dtype).view(spec.shape)
 
 
 def _keys(slots: list[_Slot]) -> list[str]:
