@@ -15,6 +15,7 @@ the run fails loudly instead of reading garbage.
 
 from __future__ import annotations
 
+import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from torch import nn
 from converter.checkpoint import Checkpoint, read_into
 from converter.errors import VerificationError
 from converter.experts import ExpertSlice, expert_slices
+
+READ_THREADS = min(4, os.cpu_count() or 1)
+PIECE_BYTES = 32 << 20
 
 
 @dataclass(eq=False)
@@ -57,6 +61,7 @@ class BlockLoader:
         self._pool: dict[tuple, list[torch.Tensor]] = {}  # float32 buffers freed by earlier blocks, by shape
         self._order: list[list[_Slot]] = []  # the blocks, in the order they are expected to run
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-block")
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read-piece")
         self._ahead: tuple[int, Future] | None = None  # the next block's bytes, being read while this one runs
         self._arenas = [torch.empty(0, dtype=torch.uint8)] * 2  # a block's stored bytes: block i's in arena i % 2
 
@@ -79,6 +84,7 @@ class BlockLoader:
         self.hooks.clear()
         self._take(-1)
         self._reader.shutdown()
+        self._readers.shutdown()
 
     def _load(self, index: int) -> None:
         read = self._take(index)
@@ -113,13 +119,21 @@ class BlockLoader:
         specs = [rows.spec for rows in (self.ckpt.row_source(k) for k in _keys(self._order[index]))
                  if rows is not None and rows.decode is None]
         arena = self._arena(index, sum(spec.nbytes for spec in specs))
-        read, at = {}, 0
+        read, at, pieces = {}, 0, []
         for spec in specs:
             view = arena[at: at + spec.nbytes]
-            read_into(spec, spec.start, view)
+            pieces += self._pieces(spec, view)
             read[spec.name] = view.view(spec.dtype).view(spec.shape)
             at += spec.nbytes
+        for piece in pieces:
+            piece.result()
         return read
+
+    def _pieces(self, spec, view: torch.Tensor) -> list[Future]:
+        """``spec``'s bytes read into ``view`` by several threads (copies out of the page cache scale with them)."""
+        step = max(PIECE_BYTES, -(-spec.nbytes // READ_THREADS))
+        return [self._readers.submit(read_into, spec, spec.start + at, view[at: at + step])
+                for at in range(0, spec.nbytes, step)]
 
     def _free(self, slots: list[_Slot]) -> None:
         for slot in slots:
@@ -162,7 +176,8 @@ class BlockLoader:
             return self.ckpt.get(key)
         spec = rows.spec
         arena = self._arena(index, spec.nbytes)
-        read_into(spec, spec.start, arena[: spec.nbytes])
+        for piece in self._pieces(spec, arena[: spec.nbytes]):
+            piece.result()
         return arena[: spec.nbytes].view(spec.dtype).view(spec.shape)
 
 
