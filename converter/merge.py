@@ -38,6 +38,8 @@ CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 16 << 20}
 # differently; chunks never have fewer rows than this (their product then equals the
 # same rows of the whole product, bit for bit; tests/test_engine.py checks it).
 MIN_CHUNK_ROWS = 32
+# Module probes check rows of this many chunks of a tensor (spread from its first rows to its last).
+PROBED_CHUNKS = 4
 
 
 @dataclass
@@ -189,6 +191,12 @@ class _Step:
     uses: list[_Use]
     chunks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     rows: RowSource | None = None  # chunks: the stored tensor read (the tensor, or its quantized codes)
+
+    @property
+    def probed(self) -> set[int]:
+        """The first rows of the chunks whose rows the module probes check: a few, spread over the tensor."""
+        n = len(self.chunks)
+        return {self.chunks[n * i // PROBED_CHUNKS][0] for i in range(min(n, PROBED_CHUNKS))}
 
 
 def is_chunkable(tp: TensorPlan, src, stored=None) -> bool:
@@ -377,8 +385,9 @@ class StreamingPass:
             w = self.dev_in[: n * spec.dtype.itemsize].view(spec.dtype).view(shape).copy_(w, non_blocking=True)
         if st.rows.decode is not None:  # quantized codes: the weight's rows, decoded on the device
             w = st.rows.decode(w, r0, r1)
+        probe = self.probe and r0 in st.probed
         for u in live:
-            self._rows_of(u, w, r0, r1)
+            self._rows_of(u, w, r0, r1, probe)
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()  # the copy out of host_in is done
         self.inputs.put(host_in)
@@ -386,7 +395,7 @@ class StreamingPass:
             for u in live:
                 self._tensor_done(u)
 
-    def _rows_of(self, u: _Use, w: torch.Tensor, r0: int, r1: int) -> None:
+    def _rows_of(self, u: _Use, w: torch.Tensor, r0: int, r1: int, probe: bool) -> None:
         """One member's rows: merged (or copied) into a reused output buffer, checked, probed, written."""
         dtype, op = u.out_dtype, u.tp.lora
         start = w if w.dtype == dtype else w.to(dtype)  # PEFT merges into the base as loaded in this dtype
@@ -405,7 +414,7 @@ class StreamingPass:
                 return
             o.copy_(acc)
             u.changed = u.changed or differs(start, o)
-            if self.probe:
+            if probe:
                 u.probe = u.probe or RowProbe(u.tp.shape[1], o.device)
                 u.probe.add(start, o, u.lora.a, u.lora.b, r0, u.lora.scale)
         encode = u.member.writer.row_encoder(u.tp.name)  # the base's own format (--keep-quantization)
