@@ -54,7 +54,7 @@ TOLERANCES = {
 
 @dataclass(frozen=True)
 class Tolerance:
-    max_rel_diff: float | None  # None: not judged (routed experts in a narrow dtype, see for_job)
+    max_rel_diff: float | None  # None: not judged (routed experts in a narrow dtype: verify_job)
     max_kl: float
     min_top1: float
     max_abs_diff: float | None = None  # absolute bound, when the user sets one
@@ -157,7 +157,7 @@ def verify_job(job: "MergeJob", inputs: "Inputs", merged_dir: Path, probes, voca
                model_fits: bool, timings: dict) -> Verification:
     """The verification the job asked for, as far as it can run; raises VerificationError over tolerance.
     ``probes``: the merge's module probes (MergeStats), None where PEFT's engine merged; ``model_fits``:
-    whether whole models fit this worker's memory (else end-to-end figures are skipped, with a note)."""
+    whether whole models fit this worker's memory (else the end-to-end check is streamed block by block)."""
     if job.verify == "none":
         return Verification(requested="none")
     modules = _module_check(probes, inputs.out_dtype) if probes is not None else None

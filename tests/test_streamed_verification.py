@@ -128,8 +128,13 @@ def _swap_two_blocks(tensors: dict) -> None:
         tensors[name], tensors[other] = tensors[other], tensors[name]
 
 
-@pytest.mark.parametrize("tamper", [_scale_one_tensor, _swap_two_blocks], ids=["scaled", "swapped"])
-def test_tampered_output_fails_streamed_verification(tamper, tmp_path, monkeypatch, capfd):
+def _drop_a_norm(tensors: dict) -> None:
+    del tensors["model.layers.0.post_attention_layernorm.weight"]
+
+
+def merge_tampered(tmp_path: Path, monkeypatch, capfd, tamper) -> str:
+    """A streamed-verified merge whose output is changed by ``tamper`` (on its tensors) before verification: exit 1,
+    nothing published; returns the message."""
     cfg = tiny_llama_config()
     base = save_base(build(cfg), tmp_path / "base")
     adapter = make_adapter(build(cfg), LoraConfig(**LORA), tmp_path / "adapter")
@@ -146,31 +151,20 @@ def test_tampered_output_fails_streamed_verification(tamper, tmp_path, monkeypat
     out = tmp_path / "out"
     capfd.readouterr()
     assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", out, "--verify", "full") == 1
-    err = capfd.readouterr().err
-    assert "differ from the unmerged adapter's" in err and "Nothing was published" in err
     assert not out.exists() and not Path(f"{out}.partial").exists()
+    return capfd.readouterr().err
+
+
+@pytest.mark.parametrize("tamper", [_scale_one_tensor, _swap_two_blocks], ids=["scaled", "swapped"])
+def test_tampered_output_fails_streamed_verification(tamper, tmp_path, monkeypatch, capfd):
+    err = merge_tampered(tmp_path, monkeypatch, capfd, tamper)
+    assert "differ from the unmerged adapter's" in err and "Nothing was published" in err
     print(err.strip().splitlines()[0])  # the figures, for the record
 
 
 def test_merged_checkpoint_missing_a_tensor_fails(tmp_path, monkeypatch, capfd):
-    cfg = tiny_llama_config()
-    base = save_base(build(cfg), tmp_path / "base")
-    adapter = make_adapter(build(cfg), LoraConfig(**LORA), tmp_path / "adapter")
-    real = converter.convert.verify_job
-
-    def dropped(job, inputs, merged_dir, *args, **kwargs):
-        tensors = load_file(merged_dir / "model.safetensors")
-        del tensors["model.layers.0.post_attention_layernorm.weight"]
-        save_file(tensors, merged_dir / "model.safetensors", metadata={"format": "pt"})
-        return real(job, inputs, merged_dir, *args, **kwargs)
-
-    monkeypatch.setattr(converter.convert, "verify_job", dropped)
-    monkeypatch.setattr(converter.verify, "STREAM_ABOVE_BYTES", 0)
-    out = tmp_path / "out"
-    capfd.readouterr()
-    assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", out) == 1
-    assert "has no tensor for model.layers.0.post_attention_layernorm.weight" in capfd.readouterr().err
-    assert not out.exists()
+    err = merge_tampered(tmp_path, monkeypatch, capfd, _drop_a_norm)
+    assert "has no tensor for model.layers.0.post_attention_layernorm.weight" in err
 
 
 # -- what a job claims: memory for one block at a time, a GPU only when it will use one ---------------------------
