@@ -27,6 +27,8 @@ from torch import nn
 from converter.checkpoint import Checkpoint, read_into
 from converter.errors import VerificationError
 from converter.experts import ExpertSlice, expert_slices
+from converter.modelinfo import ModelInfo
+from converter.plan import Resolver
 
 READ_THREADS = min(4, os.cpu_count() or 1)
 PIECE_BYTES = 32 << 20
@@ -50,10 +52,10 @@ class BlockLoader:
     Made on the model as ``empty_model`` built it (its parameters are the base's); ``attach``
     after PEFT wrapped it (the adapter's own tensors stay in memory, loaded by PEFT)."""
 
-    def __init__(self, model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str], device: torch.device,
+    def __init__(self, model: nn.Module, ckpt: Checkpoint, info: ModelInfo, device: torch.device,
                  provided: frozenset[str] = frozenset()):
         self.ckpt, self.device = ckpt, device
-        self.slots = _slots(model, ckpt, model_to_ckpt, provided)
+        self.slots = _slots(model, ckpt, Resolver(ckpt.specs, info), provided)
         self.missing = [s.label for ss in self.slots.values() for s in ss if s.key is None and not s.parts]
         self.hooks: list = []
         self.loaded_bytes = 0  # read from the checkpoint in all
@@ -186,15 +188,13 @@ def _keys(slots: list[_Slot]) -> list[str]:
     return [k for s in slots for k in ([s.key] if s.key is not None else [key for key, _ in s.parts])]
 
 
-def _slots(model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str],
-           provided: frozenset[str]) -> dict[int, list[_Slot]]:
+def _slots(model: nn.Module, ckpt: Checkpoint, resolve: Resolver, provided: frozenset[str]) -> dict[int, list[_Slot]]:
     """Every parameter of ``model`` (by its module's id): the checkpoint key (or expert parts) that fills it;
     not those the adapter file holds whole (``provided``: PEFT loads them)."""
     aliases: dict[int, list[str]] = {}  # a parameter's names (tied ones have several)
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
-    keys = {pid: next((k for k in (_key_of(n, model, ckpt, model_to_ckpt) for n in names) if k), None)
-            for pid, names in aliases.items()}
+    keys = {pid: next((k for k in map(resolve, names) if k), None) for pid, names in aliases.items()}
     fused = _fused_parts(model, ckpt, [names[0] for pid, names in aliases.items() if keys[pid] is None])
     slots: dict[int, list[_Slot]] = {}
     for module_name, module in model.named_modules():  # a module shared by two parents (T5's embeddings): once
@@ -206,18 +206,6 @@ def _slots(model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str],
             slots.setdefault(id(module), []).append(_Slot(module, name, keys[id(param)], placeholder,
                                                           fused.get(label, []), label))
     return slots
-
-
-def _key_of(name: str, model: nn.Module, ckpt: Checkpoint, model_to_ckpt: dict[str, str]) -> str | None:
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name] + ([name[len(prefix) + 1:]] if prefix and name.startswith(prefix + ".") else []) + \
-        ([f"{prefix}.{name}"] if prefix else [])
-    for cand in candidates:
-        if cand in model_to_ckpt:
-            return model_to_ckpt[cand]
-        if cand in ckpt.specs:
-            return cand
-    return None
 
 
 def _fused_parts(model: nn.Module, ckpt: Checkpoint, unresolved: list[str]) -> dict[str, list]:
@@ -330,9 +318,9 @@ def _to_device(root: nn.Module, device: torch.device) -> None:
                     store[name] = nn.Parameter(moved, requires_grad=False) if store is module._parameters else moved
 
 
-def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, model_to_ckpt: dict[str, str], adapter,
-                     merged: Checkpoint, merged_to_ckpt: dict[str, str], vocab_size: int | None,
-                     device: torch.device, trust_remote_code: bool = False):
+def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: ModelInfo, adapter, merged: Checkpoint,
+                     merged_info: ModelInfo, vocab_size: int | None, device: torch.device,
+                     trust_remote_code: bool = False):
     """Figures of the merged checkpoint against the unmerged PeftModel (``adapter``: converter.adapter.Adapter),
     both run block by block from disk."""
     from peft import PeftModel
@@ -344,7 +332,7 @@ def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, model_to_ckpt:
     model = empty_model(model_cls, base_dir, trust_remote_code, real)
     if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
         model.resize_token_embeddings(vocab_size)
-    loader = BlockLoader(model, base, model_to_ckpt, device, provided)
+    loader = BlockLoader(model, base, base_info, device, provided)
     if loader.missing:
         raise StreamUnsupported(f"no tensor of the base is found for {', '.join(loader.missing[:5])}")
     with warnings.catch_warnings():
@@ -354,7 +342,7 @@ def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, model_to_ckpt:
     ref, is_logits = streamed_outputs(model, loader, unmerged, inputs, device)
     del unmerged, model, loader
     model = empty_model(model_cls, merged.directory, trust_remote_code)
-    loader = BlockLoader(model, merged, merged_to_ckpt, device)
+    loader = BlockLoader(model, merged, merged_info, device)
     if loader.missing:
         raise VerificationError(f"the merged checkpoint has no tensor for {', '.join(loader.missing[:5])}: "
                                 "the model it describes cannot be built from it. Nothing was published")

@@ -208,9 +208,8 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
 
     merged = decoded(Checkpoint(merged_dir), base_config(merged_dir), str(merged_dir))
     merged_info = describe(merged_dir, list(merged.specs), job.trust_remote_code)
-    return streamed_figures(inputs.info.model_cls, inputs.base, inputs.base_src.path, inputs.info.model_to_ckpt,
-                            inputs.adapter, merged, merged_info.model_to_ckpt, vocab_size, forward_device(job.device),
-                            job.trust_remote_code)
+    return streamed_figures(inputs.info.model_cls, inputs.base, inputs.base_src.path, inputs.info, inputs.adapter,
+                            merged, merged_info, vocab_size, forward_device(job.device), job.trust_remote_code)
 
 
 def import_in_background(members: list) -> None:

@@ -105,7 +105,7 @@ def test_one_block_of_weights_at_a_time(tmp_path):
     adapter = make_adapter(build(cfg), LoraConfig(**LORA), tmp_path / "adapter")
     ckpt = Checkpoint(base)
     model = empty_model(LlamaForCausalLM, base)
-    loader = BlockLoader(model, ckpt, describe(base, list(ckpt.specs)).model_to_ckpt, torch.device("cpu"))
+    loader = BlockLoader(model, ckpt, describe(base, list(ckpt.specs)), torch.device("cpu"))
     peft = PeftModel.from_pretrained(model, adapter).eval()
     streamed_outputs(model, loader, peft, probe_inputs(model.config), torch.device("cpu"))
     sizes = {n: 4 * s.numel for n, s in ckpt.specs.items()}
