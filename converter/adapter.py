@@ -88,6 +88,25 @@ def _checkpoints_hint(directory: Path) -> str | None:
             f"Pass one of them, e.g. --adapter {found[-1]} (the latest)")
 
 
+def named_adapter(directory: Path) -> tuple[Path, str | None]:
+    """The adapter directory to read: ``directory`` itself, or else the one subfolder holding an adapter (PEFT saves
+    an adapter named other than "default" under ``<dir>/<name>/``), with a line saying so. Several such subfolders:
+    a BadInputError listing the ``--adapter`` to pass for each."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / ADAPTER_CONFIG).is_file():
+        return directory, None
+    named = sorted(p for p in directory.iterdir()
+                   if p.is_dir() and not p.name.startswith("checkpoint-") and (p / ADAPTER_CONFIG).is_file())
+    if len(named) > 1:
+        raise BadInputError(f"{directory} holds no adapter itself but {len(named)} named ones (PEFT saves an adapter "
+                            f"named other than 'default' in a subfolder): {', '.join(p.name for p in named)}",
+                            hint="pass one of them: " + "; ".join(f"--adapter {p}" for p in named))
+    if named:
+        return named[0], (f"{directory} holds no adapter itself: using {named[0]}, the adapter PEFT saved under the "
+                          f"name {named[0].name!r}")
+    return directory, None
+
+
 def looks_like_adapter(directory: Path) -> bool:
     """Whether the directory holds an adapter_config.json."""
     return (directory / ADAPTER_CONFIG).is_file()

@@ -4,13 +4,13 @@ the merge planned, the output dtype and the fingerprint. ``inspect_job`` writes 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from converter import codecs, publish, quantize, sources
-from converter.adapter import Adapter, check_finite, load_adapter
+from converter.adapter import Adapter, check_finite, load_adapter, named_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
 from converter.experts import ExpertPlan, meta_model, plan_experts
@@ -83,6 +83,8 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
         raise BadInputError(f"--keep-quantization writes the output as {base.codec.label}; --quantize variants are "
                             "made from a dense output", hint="drop one of --keep-quantization and --quantize")
     adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
+    path, named = named_adapter(adapter_src.path)  # <dir>/<name>/: an adapter PEFT saved under its own name
+    adapter_src = replace(adapter_src, path=path)
     adapter = load_adapter(adapter_src.path)
     mismatch = base_mismatch(adapter.config, base_src)
     if mismatch and not job.allow_base_mismatch:
@@ -103,7 +105,8 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     resolve_device(job.device)
     _check_quantize(job, info)
     adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
-    warnings = _unchecked_revision(adapter, base_src) + (zero_delta_warnings(adapter, plan) if plan else [])
+    warnings = ([JobWarning("named-adapter", named)] if named else []) + _unchecked_revision(adapter, base_src) + \
+        (zero_delta_warnings(adapter, plan) if plan else [])
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
                   output_dtype(job.dtype, base), fingerprint(job, base_src, base, adapter_hashes), warnings, base_src,
                   adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from converter.adapter import load_adapter
+from converter.adapter import load_adapter, named_adapter
 from converter.errors import BadInputError
 from converter.lora_math import lora_scale
 from converter.plan import needs_peft_engine, pattern_value, split_key
@@ -13,7 +13,8 @@ def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revis
     """What an adapter changes and, given a base, whether it fits: a summary dict (``--json``)."""
     from converter import sources
 
-    adapter = load_adapter(sources.resolve(adapter_dir, "adapter", adapter_revision, cache_dir=cache_dir).path)
+    path, named = named_adapter(sources.resolve(adapter_dir, "adapter", adapter_revision, cache_dir=cache_dir).path)
+    adapter = load_adapter(path)
     cfg = adapter.config
     engine_reason = needs_peft_engine(adapter)
     modules: dict[str, dict] = {}
@@ -36,6 +37,7 @@ def inspect_adapter(adapter_dir: str, base_dir: str | None = None, adapter_revis
             modules[module]["dora"] = True
     summary = {
         "adapter": str(adapter.directory),
+        "named": named,
         "peft_type": adapter.peft_type,
         "engine": "peft" if engine_reason else "streaming",
         "engine_reason": engine_reason,
@@ -87,8 +89,9 @@ def _against_base(adapter, base: str, revision: str | None, cache_dir, engine_re
 
 def render(s: dict) -> str:
     """The summary of ``inspect_adapter`` as text."""
-    lines = [f"adapter {s['adapter']}: {s['peft_type']}, {s['tensors']} tensors, engine {s['engine']}"
-             + (f" ({s['engine_reason']})" if s["engine_reason"] else "")]
+    lines = ([s["named"]] if s.get("named") else []) + [
+        f"adapter {s['adapter']}: {s['peft_type']}, {s['tensors']} tensors, engine {s['engine']}"
+        + (f" ({s['engine_reason']})" if s["engine_reason"] else "")]
     for k, v in s["options"].items():
         lines.append(f"  {k}: {v}")
     if s["lora_modules"]:
