@@ -198,3 +198,26 @@ def test_device_placement(device, verify, quantized, has_gpu, merge, gpu, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
     assert resources.merge_device(device, quantized).type == merge
     assert resources.uses_gpu(device, verify, quantized, has_gpu) is gpu
+
+
+@pytest.mark.parametrize("fits", [True, False], ids=["fits", "too-large"])
+def test_a_model_the_streamed_run_cannot_take(fits, tmp_path, monkeypatch):
+    """A model whose forward reads a parameter outside its block: checked whole when it fits, else modules only,
+    saying why (never a failed job)."""
+    from converter.streamed import StreamUnsupported
+
+    def unsupported(*args, **kwargs):
+        raise StreamUnsupported("RuntimeError: a parameter used outside its block")
+
+    monkeypatch.setattr(converter.verify, "streamed_figures", unsupported)
+    monkeypatch.setattr(converter.verify, "STREAM_ABOVE_BYTES", 0)
+    monkeypatch.setattr("converter.convert.fits_in_memory", lambda n: fits)
+    cfg = tiny_llama_config()
+    base = save_base(build(cfg), tmp_path / "base")
+    adapter = make_adapter(build(cfg), LoraConfig(**LORA), tmp_path / "adapter")
+    assert run_converter("merge", "--base", base, "--adapter", adapter, "--output", tmp_path / "out") == 0
+    v = receipt(tmp_path / "out")["verification"]
+    if fits:
+        assert v["level"] == "full" and v["full"]["how"] == "in memory"
+    else:
+        assert v["level"] == "modules" and "a parameter used outside its block" in v["note"]
