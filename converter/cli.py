@@ -69,6 +69,8 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace an earlier output of converter made with other inputs or "
               "options (never an input, never a directory converter did not write).")
 @click.option("--strict", is_flag=True, help="Fail on warnings, e.g. an adapter whose deltas are all zero.")
+@click.option("--label", "labels", multiple=True, metavar="NAME", help="A task head's labels, in order (repeat it): "
+              "config.json's id2label / label2id (default LABEL_0, LABEL_1...).")
 @click.option("--keep-quantization", is_flag=True, help="A quantized base (bitsandbytes, FP8): write the merged model "
               "in the base's own format and layout, re-encoding the merged weights (default: dense, in --dtype).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the base's own model code for full verification.")

@@ -167,7 +167,7 @@ def _finish(r: Ready, merged: Merged, base_hashes: dict[str, Future], started: f
         kept = publish.copy_non_weight_files(inputs.base_src.path, inputs.adapter_src.path, partial)
         if inputs.plan is not None or not (partial / "config.json").is_file():
             publish.write_config(inputs.info.config, partial, dtype_name(inputs.out_dtype), merged.vocab_size,
-                                 merged.untie, merged.quantization_config)
+                                 merged.untie, merged.quantization_config, merged.task_config)
         model_fits = fits_in_memory(inputs.base.fp32_bytes())  # room for whole models, for full checks
         verification = verify_job(job, inputs, partial, merged.probes, merged.vocab_size, model_fits, r.timings)
         variants = quantize.produce_variants(job, inputs, partial, model_fits, r.timings)

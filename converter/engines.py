@@ -34,6 +34,7 @@ class Merged:
     warnings: list[JobWarning] = field(default_factory=list)
     quantization_config: dict | None = None  # the base's, where the output keeps its quantized format
     requantized: Requantized | None = None  # the re-encoded weights against the dense merge
+    task_config: dict | None = None  # config.json's task class, num_labels and labels, for a head the adapter adds
 
 
 Outcomes = dict[int, "Merged | Exception"]  # by job index
@@ -79,7 +80,8 @@ def _finished(r: Ready, m: Member) -> "Merged | Exception":
             warnings.append(JobWarning("output-unchanged", msg))
     kept = m.writer if isinstance(m.writer, KeptFormatWriter) else None
     return Merged(counts, plan.vocab_size, plan.untie, m.stats, peak_rss_bytes(), warnings,
-                  kept.codec.output_config() if kept else None, kept.requantized if kept else None)
+                  kept.codec.output_config() if kept else None, kept.requantized if kept else None,
+                  plan.head.config(r.job.labels) if plan.head else None)
 
 
 def merge_with_peft(members: list[Ready], device: torch.device) -> Outcomes:

@@ -44,6 +44,28 @@ class Inputs:
 
 
     @property
+    def model_cls(self):
+        """The class full verification builds: the task class of a head the adapter adds, else the base's."""
+        head = self.plan.head if self.plan else None
+        if head is None:
+            return self.info.model_cls
+        import importlib
+
+        module, _, name = head.cls_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def config_overrides(self) -> dict:
+        """What loading the base as the task class needs: its head's size, and a pad token for a sequence classifier
+        fed a batch (it finds each row's last token by it; -1: no probe token is padding)."""
+        head = self.plan.head if self.plan else None
+        if head is None:
+            return {}
+        pad = {"pad_token_id": -1} if head.task_type == "SEQ_CLS" and self.info.config.get("pad_token_id") is None \
+            else {}
+        return {"num_labels": head.num_labels, **pad}
+
+    @property
     def codec(self) -> codecs.Codec | None:
         """The codec a quantized base is decoded with; None for plain weights."""
         return self.base.codec if isinstance(self.base, codecs.DecodedCheckpoint) else None
@@ -102,6 +124,7 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     experts = (expert_plan(adapter, base, base_src.path, job.trust_remote_code)
                if adapter.config.get("target_parameters") else None)
     plan = None if engine_reason else build_plan(adapter, base, info, experts)
+    _check_labels(job, plan)
     resolve_device(job.device)
     _check_quantize(job, info)
     adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
@@ -127,6 +150,18 @@ def expert_plan(adapter: Adapter, base: Checkpoint, base_dir: Path, trust_remote
         return r, lora_scale(r, alpha, bool(cfg.get("use_rslora")))
 
     return plan_experts(model, {k: spec.shape for k, spec in base.specs.items()}, adapter, scale_of)
+
+
+def _check_labels(job: MergeJob, plan: MergePlan | None) -> None:
+    if not job.labels:
+        return
+    head = plan.head if plan else None
+    if head is None:
+        raise BadInputError(f"--label {' '.join(job.labels)}: labels name a task head's classes, and this adapter "
+                            "trains no head", hint="drop the labels")
+    if len(job.labels) != head.num_labels:
+        raise BadInputError(f"{len(job.labels)} label(s) given, but the adapter's {head.class_name} head has "
+                            f"{head.num_labels} outputs", hint=f"give {head.num_labels} labels, in order")
 
 
 def _check_quantize(job: MergeJob, info: ModelInfo) -> None:

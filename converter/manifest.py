@@ -64,6 +64,7 @@ class JobOptions(BaseModel):
     allow_base_mismatch: bool | None = None
     strict: bool | None = None
     keep_quantization: bool | None = None
+    labels: tuple[str, ...] | None = None
     max_logit_diff: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None

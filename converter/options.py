@@ -36,6 +36,7 @@ class MergeJob(BaseModel):
     force: bool = False
     strict: bool = False
     keep_quantization: bool = False  # a quantized base's output stays in its format (else: dense, in --dtype)
+    labels: tuple[str, ...] | None = None  # a task head's labels, in order (config.json's id2label / label2id)
     trust_remote_code: bool = False
     allow_base_mismatch: bool = False
     max_logit_diff: float | None = None
@@ -85,4 +86,6 @@ class MergeJob(BaseModel):
                                                         "allow_base_mismatch", "max_logit_diff", "max_kl", "min_top1"})
         if self.keep_quantization:  # only when set: outputs made before the option existed stay done
             options["keep_quantization"] = True
+        if self.labels:
+            options["labels"] = list(self.labels)
         return options

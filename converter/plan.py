@@ -16,6 +16,7 @@ from converter.adapter import Adapter, strip_prefix
 from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError
 from converter.experts import ExpertOp, ExpertPlan
+from converter.heads import Head, find_head
 from converter.lora_math import lora_scale
 from converter.modelinfo import ModelInfo
 
@@ -59,6 +60,7 @@ class TensorPlan:
     rows: list[int] = field(default_factory=list)
     added: bool = False  # not in the base checkpoint (an untied output embedding)
     expert: ExpertOp | None = None  # a LoRA on a fused (expert) parameter this tensor is part of
+    head: bool = False  # a task head's tensor the adapter adds (the base has none)
 
 
     @property
@@ -67,7 +69,7 @@ class TensorPlan:
         if self.lora is not None or self.expert is not None or self.bias_key or self.rows_key:
             return "merge"
         if self.replace_key:
-            return "replace"
+            return "add" if self.head else "replace"
         return "add" if self.added else "copy"
 
 
@@ -79,6 +81,7 @@ class MergePlan:
     engine: str = "streaming"
     engine_reason: str | None = None
     modules: dict[str, LoraOp] = field(default_factory=dict)
+    head: Head | None = None  # a task head the adapter adds: the output is a checkpoint of its task class
 
     def count(self, action: str) -> int:
         """How many output tensors have ``action``."""
@@ -150,8 +153,9 @@ def build_plan(adapter: Adapter, ckpt: Checkpoint, info: ModelInfo, experts: Exp
         planner.problems += experts.problems
         for key, op in experts.ops.items():
             planner.tensors[key].expert = op
+    head = planner.add_head(ckpt) if planner.unmatched else None
     planner.raise_problems()
-    plan = MergePlan(planner.tensors)
+    plan = MergePlan(planner.tensors, head=head)
     plan.modules = {t.lora.module: t.lora for t in planner.tensors.values() if t.lora is not None}
     _resolve_vocab_and_ties(plan, info, planner.resolve, ckpt)
     return plan
@@ -166,6 +170,7 @@ class _Planner:
         self.resolve = Resolver(self.tensors, info)
         self.problems: list[str] = []
         self.unmatched: list[str] = []
+        self.unmatched_names: dict[str, str] = {}  # model-side name -> adapter key, of what matched nothing
         in_ck = self.resolve(info.input_embedding) if info.tied and info.input_embedding else None
         if in_ck and info.output_embedding and self.resolve(info.output_embedding) is None:
             # a tied output embedding is not stored; it exists in the output only if we untie
@@ -178,6 +183,7 @@ class _Planner:
         ck = self.resolve(param)
         if ck is None:
             self.unmatched.append(key)
+            self.unmatched_names[param] = key
             return None
         if ck in self.info.converted and ck != param:  # (an adapter naming the checkpoint's own tensor fits it)
             self.problems.append(f"{key}: its base tensor {ck} is stored fused by transformers' conversion rules; "
@@ -198,6 +204,19 @@ class _Planner:
                 self._tokens(tp, module, roles["tokens"])
         if {"A", "B", "emb_A", "emb_B"} & roles.keys():
             self._lora(module, roles)
+
+    def add_head(self, ckpt: Checkpoint) -> Head | None:
+        """The task head among the tensors that matched nothing (SEQ_CLS, TOKEN_CLS, QUESTION_ANS adapters):
+        added to the output, and the base's tensors the task model has no place for left out."""
+        head = find_head(self.adapter, ckpt.directory, list(ckpt.specs), self.unmatched_names)
+        if head is None:
+            return None
+        for name, key in head.tensors.items():
+            self.tensors[name] = TensorPlan(name, None, head.shapes[name], torch.float32, replace_key=key, head=True)
+            self.unmatched.remove(key)
+        for name in head.unused:
+            del self.tensors[name]
+        return head
 
     def _replacement(self, tp: TensorPlan, key: str) -> None:
         shape = self.adapter.shape(key)
@@ -308,7 +327,8 @@ def _resolve_vocab_and_ties(plan: MergePlan, info: ModelInfo, resolve, ckpt: Che
     emb_in = tensors.get(in_name) if in_name else None
     emb_out = tensors.get(out_name) if out_name else None
     added = [n for n, t in tensors.items() if t.added]
-    resized = [t for t in tensors.values() if t.replace_key and not t.added and t.shape != ckpt.specs[t.name].shape]
+    resized = [t for t in tensors.values() if t.replace_key and not (t.added or t.head)
+               and t.shape != ckpt.specs[t.name].shape]
     for t in resized:
         if t is not emb_in and t is not emb_out:
             raise AdapterMismatchError(f"{t.replace_key}: shape {t.shape} does not fit base tensor {t.name} "

@@ -83,7 +83,7 @@ QUANTIZATION_KEYS = ("quantization_config", "compression_config")
 
 
 def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int | None, untie: bool,
-                 quantization_config: dict | None = None) -> dict:
+                 quantization_config: dict | None = None, task: dict | None = None) -> dict:
     """Write config.json true to the merged weights (dtype, vocab_size, tie_word_embeddings, quantization_config:
     the base's only where the output keeps its format); returns it."""
     config = json.loads(json.dumps(config))
@@ -93,6 +93,8 @@ def write_config(config: dict, out_dir: Path, dtype_name: str, vocab_size: int |
             scope.pop(key, None)
     if quantization_config is not None:  # --keep-quantization: stored in the base's own format
         config["quantization_config"] = quantization_config
+    if task is not None:  # a task head the adapter added: its class, num_labels and labels
+        config.update(task)
     key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[key] = dtype_name
     if text is not None and ("dtype" in text or "torch_dtype" in text):

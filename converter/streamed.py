@@ -240,7 +240,8 @@ def _blocks(root: nn.Module, slots: dict[int, list[_Slot]]) -> list[nn.Module]:
     return blocks
 
 
-def empty_model(model_cls, model_dir: Path, trust_remote_code: bool = False, real: tuple[str, ...] = ()) -> nn.Module:
+def empty_model(model_cls, model_dir: Path, trust_remote_code: bool = False, real: tuple[str, ...] = (),
+                overrides: dict | None = None) -> nn.Module:
     """The model transformers builds from ``model_dir``'s config, in float32, with no weights: each parameter a
     CPU tensor of one element seen at its shape (PEFT can wrap it: its layers are made where the base layer is),
     buffers computed on the CPU. Modules named by ``real`` (names or suffixes: PEFT's ``modules_to_save``, which it
@@ -248,7 +249,7 @@ def empty_model(model_cls, model_dir: Path, trust_remote_code: bool = False, rea
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **(overrides or {}))
     for key in ("quantization_config", "compression_config"):
         if hasattr(config, key):
             delattr(config, key)  # the weights come decoded from the checkpoint, never as codes
@@ -320,7 +321,7 @@ def _to_device(root: nn.Module, device: torch.device) -> None:
 
 def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: ModelInfo, adapter, merged: Checkpoint,
                      merged_info: ModelInfo, vocab_size: int | None, device: torch.device,
-                     trust_remote_code: bool = False):
+                     trust_remote_code: bool = False, overrides: dict | None = None):
     """Figures of the merged checkpoint against the unmerged PeftModel (``adapter``: converter.adapter.Adapter),
     both run block by block from disk."""
     from peft import PeftModel
@@ -329,7 +330,7 @@ def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: Mod
 
     provided = adapter_held(adapter)
     real = tuple(adapter.config.get("modules_to_save") or ()) + tuple(p.rpartition(".")[0] for p in provided)
-    model = empty_model(model_cls, base_dir, trust_remote_code, real)
+    model = empty_model(model_cls, base_dir, trust_remote_code, real, overrides)
     if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
         model.resize_token_embeddings(vocab_size)
     loader = BlockLoader(model, base, base_info, device, provided)
@@ -341,7 +342,7 @@ def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: Mod
     inputs = probe_inputs(model.config)
     ref, is_logits = streamed_outputs(model, loader, unmerged, inputs, device)
     del unmerged, model, loader
-    model = empty_model(model_cls, merged.directory, trust_remote_code)
+    model = empty_model(model_cls, merged.directory, trust_remote_code, overrides=overrides)
     loader = BlockLoader(model, merged, merged_info, device)
     if loader.missing:
         raise VerificationError(f"the merged checkpoint has no tensor for {', '.join(loader.missing[:5])}: "

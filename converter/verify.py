@@ -204,8 +204,9 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
                 kept: bool) -> Figures:
     """The merged model against the unmerged adapter: whole models in memory, or streamed block by block."""
     if how == "in memory":
-        return full_verification(inputs.info.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
-                                 vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept)
+        return full_verification(inputs.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
+                                 vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept,
+                                 overrides=inputs.config_overrides)
     from converter.checkpoint import Checkpoint
     from converter.codecs import decoded
     from converter.modelinfo import base_config, describe
@@ -213,8 +214,9 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
 
     merged = decoded(Checkpoint(merged_dir), base_config(merged_dir), str(merged_dir))
     merged_info = describe(merged_dir, list(merged.specs), job.trust_remote_code)
-    return streamed_figures(inputs.info.model_cls, inputs.base, inputs.base_src.path, inputs.info, inputs.adapter,
-                            merged, merged_info, vocab_size, forward_device(job.device), job.trust_remote_code)
+    return streamed_figures(inputs.model_cls, inputs.base, inputs.base_src.path, inputs.info, inputs.adapter,
+                            merged, merged_info, vocab_size, forward_device(job.device), job.trust_remote_code,
+                            inputs.config_overrides)
 
 
 def import_in_background(members: list) -> None:
@@ -280,10 +282,13 @@ def probe_inputs(config, batch: int = 2, length: int = 16, seed: int = 0) -> dic
 
 
 def model_outputs(model, inputs) -> tuple[torch.Tensor, bool]:
-    """(logits, True), or (last hidden state, False) for models without logits; as float32."""
+    """(logits, True), or (last hidden state, False) for models without logits; as float32. A question-answering
+    model's start and end logits count as logits (over positions)."""
     with torch.no_grad():
         out = model(**inputs)
     logits = getattr(out, "logits", None)
+    if logits is None and getattr(out, "start_logits", None) is not None:  # question answering: over positions
+        logits = torch.stack((out.start_logits, out.end_logits), dim=1)
     return (logits if logits is not None else out.last_hidden_state).float(), logits is not None
 
 
@@ -315,12 +320,13 @@ def judge(figures: Figures, tol: Tolerance) -> list[str]:
 
 
 def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: Path, vocab_size: int | None,
-                      trust_remote_code: bool = False, quantized: bool = False, kept: bool = False) -> Figures:
+                      trust_remote_code: bool = False, quantized: bool = False, kept: bool = False,
+                      overrides: dict | None = None) -> Figures:
     """Figures of the merged checkpoint (loaded as a user would) against the unmerged PeftModel (on the base as
     transformers loads it; a ``quantized`` base dequantized by transformers: the weights the adapter saw)."""
     from peft import PeftModel
 
-    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, **(overrides or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = (dequantized_model(model_cls, base_dir, kw) if quantized else model_cls.from_pretrained(base_dir, **kw))
