@@ -15,7 +15,7 @@ from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
 from converter.experts import ExpertPlan, meta_model, plan_experts
 from converter.lora_math import lora_scale
-from converter.modelinfo import ModelInfo, base_config, describe
+from converter.modelinfo import ModelInfo, base_config, describe, import_class
 from converter.options import DTYPES, MergeJob
 from converter.plan import MergePlan, build_plan, needs_peft_engine, pattern_value
 from converter.resources import resolve_device
@@ -47,12 +47,7 @@ class Inputs:
     def model_cls(self):
         """The class full verification builds: the task class of a head the adapter adds, else the base's."""
         head = self.plan.head if self.plan else None
-        if head is None:
-            return self.info.model_cls
-        import importlib
-
-        module, _, name = head.cls_path.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return self.info.model_cls if head is None else import_class(head.cls_path)
 
     @property
     def config_overrides(self) -> dict:

@@ -49,13 +49,7 @@ class ModelInfo:
         """The class, imported when first asked for (verification, quantization): a cached
         description lets a merge run without importing transformers at all."""
         if self._cls is None and self.cls_path is not None:
-            import importlib
-
-            module, _, qualname = self.cls_path.partition(":")
-            obj = importlib.import_module(module)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-            self._cls = obj
+            self._cls = import_class(self.cls_path)
         return self._cls
 
     def to_cache(self) -> dict:
@@ -74,6 +68,17 @@ class ModelInfo:
                    converted=set(data["converted"]), module_types=data["module_types"],
                    input_embedding=data["input_embedding"], output_embedding=data["output_embedding"],
                    tied=data["tied"])
+
+
+def import_class(cls_path: str) -> type:
+    """The class a ``"module:QualName"`` path names, imported."""
+    import importlib
+
+    module, _, qualname = cls_path.partition(":")
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _text_config(config: dict) -> dict:
