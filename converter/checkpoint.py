@@ -278,13 +278,9 @@ QUANTIZED_TENSOR_SUFFIXES = {
 }
 
 
-def quantization_format(config: dict, specs: dict[str, TensorSpec]) -> str | None:
-    """What quantized format a base is stored in (its config's ``quantization_config``, or tensors that
-    only quantized checkpoints hold), or None for plain weights."""
-    for scope in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
-        qc = scope.get("quantization_config") or scope.get("compression_config")
-        if qc:
-            return _describe_quant_config(qc)
+def quantized_tensor(specs: dict[str, TensorSpec]) -> str | None:
+    """A tensor only quantized checkpoints hold, and its format (``weight_scale_inv``, ``SCB``, float8 weights...),
+    or None for plain weights."""
     for name, spec in specs.items():
         for suffix, fmt in QUANTIZED_TENSOR_SUFFIXES.items():
             if name.endswith(suffix):
@@ -292,16 +288,3 @@ def quantization_format(config: dict, specs: dict[str, TensorSpec]) -> str | Non
         if spec.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             return f"float8 (tensor {name} is {str(spec.dtype).removeprefix('torch.')})"
     return None
-
-
-def _describe_quant_config(qc) -> str:
-    if not isinstance(qc, dict):
-        return "quantization_config (unreadable)"
-    method = str(qc.get("quant_method") or "unknown")
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit"):
-            return f"quant_method bitsandbytes, 4-bit {qc.get('bnb_4bit_quant_type', 'fp4')}"
-        return "quant_method bitsandbytes, 8-bit"
-    if method == "fp8" and qc.get("weight_block_size"):
-        return f"quant_method fp8, block-scaled {qc['weight_block_size']}"
-    return f"quant_method {method}"

@@ -60,7 +60,8 @@ def embedding_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) ->
 
 
 def add_delta_rounded(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``weight.data += delta.to(weight.dtype)``: PEFT's embedding merge rounds the delta first."""
+    """``weight.data += delta.to(weight.dtype)``: PEFT's embedding merge, and its ParamWrapper (fused experts), round
+    the delta first."""
     return weight + delta.to(out_dtype).float()
 
 

@@ -14,6 +14,7 @@ nothing changes are copied byte for byte in the kernel (``copy_file_range``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import os
@@ -73,9 +74,10 @@ def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtyp
     """W' for one whole tensor, in fp32, from its starting value (the base's, or the adapter's replacement,
     already in the output dtype), as PEFT merges into the base as loaded: LoRA / DoRA, lora_bias, token rows."""
     f32 = dict(device=device, dtype=torch.float32)
-    weight = start.to(**f32, copy=True)  # our own copy: the math below works in place
     if tp.expert is not None:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added in it
         weight = experts.merge_tensor(start.to(device), tp.expert.where, tp.expert.lora(adapter, device)).to(**f32)
+    else:
+        weight = start.to(**f32, copy=True)  # our own copy: the math below works in place
     if tp.lora is not None:
         weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
     if tp.bias_key:
@@ -127,9 +129,9 @@ def apply_lora(weight: torch.Tensor, op: LoraOp, adapter: Adapter, out_dtype: to
         if magnitude is not None:
             return lora_math.dora_embedding(weight, delta, magnitude)
         return lora_math.add_delta_rounded(weight, delta, out_dtype)
-    if op.fused:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added in it
-        delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
-        return weight.to(out_dtype).add_(delta.to(out_dtype)).to(torch.float32)
+    if op.fused:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added
+        return lora_math.add_delta_rounded(weight, lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out),
+                                           out_dtype)
     if magnitude is None:
         return lora_math.merge_linear(weight, a, b, op.scale, op.fan_in_fan_out)
     delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
@@ -192,7 +194,7 @@ class _Step:
     chunks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     rows: RowSource | None = None  # chunks: the stored tensor read (the tensor, or its quantized codes)
 
-    @property
+    @functools.cached_property
     def probed(self) -> set[int]:
         """The first rows of the chunks whose rows the module probes check: a few, spread over the tensor."""
         n = len(self.chunks)

@@ -81,6 +81,12 @@ def import_class(cls_path: str) -> type:
     return obj
 
 
+def config_scopes(config: dict) -> tuple[dict, dict]:
+    """A config and its ``text_config`` (a VLM's language model; ``{}`` when it has none), where settings live."""
+    text = config.get("text_config")
+    return config, text if isinstance(text, dict) else {}
+
+
 def _text_config(config: dict) -> dict:
     return config.get("text_config") or config
 

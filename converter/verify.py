@@ -22,6 +22,7 @@ import torch
 
 from converter import lora_math
 from converter.errors import VerificationError
+from converter.modelinfo import config_scopes
 from converter.receipt import Figures, FullCheck, ModuleCheck, Verification
 from converter.resources import peak_rss_bytes, reset_peak_rss
 from converter.streamed import StreamUnsupported, streamed_figures
@@ -240,8 +241,8 @@ def _import_models(members: list) -> None:
 
 def routes_experts(config: dict) -> bool:
     """Whether the model routes tokens through a top-k of several experts (MoE)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return any(isinstance(scope.get(key), int) and scope[key] > 1 for scope in (config, text) for key in EXPERT_COUNTS)
+    return any(isinstance(scope.get(key), int) and scope[key] > 1 for scope in config_scopes(config)
+               for key in EXPERT_COUNTS)
 
 
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

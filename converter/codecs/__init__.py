@@ -17,8 +17,9 @@ from functools import partial
 
 import torch
 
-from converter.checkpoint import Checkpoint, RowSource, TensorSpec, quantization_format
+from converter.checkpoint import Checkpoint, RowSource, TensorSpec, quantized_tensor
 from converter.errors import BadInputError, UnsupportedBaseError
+from converter.modelinfo import config_scopes
 
 DEQUANTIZE_FIX = ("merge into a dequantized copy of the base: its bfloat16/float16 release, or the base loaded with "
                   "transformers, dequantized (model.dequantize()) and saved with save_pretrained")
@@ -92,8 +93,7 @@ class Codec:
 
 def model_dtype(config: dict, default: torch.dtype = torch.bfloat16) -> torch.dtype:
     """The dtype the model's config declares (``dtype`` or ``torch_dtype``, also in ``text_config``)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    for scope in (config, text):
+    for scope in config_scopes(config):
         for key in ("dtype", "torch_dtype"):
             value = scope.get(key)
             if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
@@ -103,8 +103,7 @@ def model_dtype(config: dict, default: torch.dtype = torch.bfloat16) -> torch.dt
 
 def quant_config_of(config: dict) -> dict | None:
     """The base's ``quantization_config`` (or ``compression_config``), at the top level or in ``text_config``."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    for scope in (config, text):
+    for scope in config_scopes(config):
         qc = scope.get("quantization_config") or scope.get("compression_config")
         if qc:
             return qc if isinstance(qc, dict) else {"quant_method": "unreadable"}
@@ -179,7 +178,7 @@ def decoded(base: Checkpoint, config: dict, shown: str) -> Checkpoint:
     (or without the package its codec needs) is refused, naming it (``shown``: the base as the user gave it)."""
     qc = quant_config_of(config)
     if qc is None:
-        found = quantization_format(config, base.specs)
+        found = quantized_tensor(base.specs)
         if found:
             raise UnsupportedBaseError(
                 f"base {shown} holds quantized tensors ({found}) but its config.json has no quantization_config, "
