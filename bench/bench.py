@@ -58,7 +58,11 @@ import make_synthetic  # noqa: E402
 ALL_METHODS = ["converter-none", "converter-modules", "converter-full", "converter-keep", "converter-none-cold", "peft",
                "copy"]
 PASS_METHODS = ["pass", "separate", "copies"]  # N adapters: one pass / N merges / N synced copies
+# a stack of --stack adapters merged into one checkpoint: one pass / a chain of merges, each output the next one's
+# base (what users do without stacks) / PEFT with every adapter loaded, merge_and_unload(adapter_names=...)
+STACK_METHODS = ["stack", "stack-chain", "stack-peft"]
 ALIASES = {"converter": ["converter-none", "converter-modules"], "multi": PASS_METHODS,
+           "stacks": STACK_METHODS + ["copy"],
            "all": ["converter-none", "converter-modules", "peft", "copy"]}
 
 # The synthetic models' random weights give near-flat next-token logits on random probes, so rounding the merged
@@ -137,6 +141,38 @@ for i in range(n):
 """
 
 
+STACK_PEFT_SNIPPET = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, out, device, shard, *adapters = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+if device and device != "cpu":
+    model = model.to(device)
+model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+for i, a in enumerate(adapters[1:], 1):
+    model.load_adapter(a, adapter_name=f"a{i}")
+merged = model.merge_and_unload(adapter_names=[f"a{i}" for i in range(len(adapters))])
+merged.save_pretrained(out, max_shard_size=shard)
+"""
+
+STACK_CHAIN_SNIPPET = r"""
+import shutil, subprocess, sys
+from pathlib import Path
+cmd, base, out, device, shard, *adapters = sys.argv[1:]
+for i, a in enumerate(adapters):
+    step = Path(out) if i == len(adapters) - 1 else Path(out + f".step{i}")
+    argv = cmd.split() + ["merge", "--base", base, "--adapter", a, "--output", str(step), "--verify", "none",
+                          "--force", "--max-shard-size", shard] + (["--device", device] if device else [])
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    if i:
+        shutil.rmtree(base)
+    base = str(step)
+"""
+
+
 def converter_fingerprint() -> str:
     """Short hash of converter/*.py, so runs made against different code are visible."""
     h = hashlib.sha256()
@@ -156,6 +192,15 @@ def converter_cmd() -> list[str]:
 def build_cmd(method: str, base: Path, adapter: Path, out: Path, device: str | None, shard: str,
               adapters: list[Path] | None = None) -> list[str]:
     many = [str(a) for a in adapters or [adapter]]
+    if method == "stack":
+        return converter_cmd() + ["merge", "--base", str(base), *(x for a in many for x in ("--adapter", a)),
+                                  "--output", str(out), "--verify", "none", "--max-shard-size", shard] + \
+            (["--device", device] if device else [])
+    if method == "stack-chain":
+        return [sys.executable, "-c", STACK_CHAIN_SNIPPET, " ".join(converter_cmd()), str(base), str(out),
+                device or "", shard, *many]
+    if method == "stack-peft":
+        return [sys.executable, "-c", STACK_PEFT_SNIPPET, str(base), str(out), device or "cpu", shard, *many]
     if method == "pass":
         return [sys.executable, "-c", PASS_SNIPPET, str(base), str(out), device or "", shard, *many]
     if method == "separate":
@@ -343,6 +388,7 @@ def summarize(methods, runs) -> dict:
     copy = summ.get("copy", {})
     peft = summ.get("peft", {})
     separate = summ.get("separate", {})
+    stack_peft = summ.get("stack-peft", {})
     for m, s in summ.items():
         if s["status"] != "ok":
             continue
@@ -357,8 +403,9 @@ def summarize(methods, runs) -> dict:
             s["adapters_per_min"] = round(n / s["wall_s"] * 60, 2) if n else None
             if m == "pass" and separate.get("status") == "ok":
                 s["speedup_vs_separate"] = separate["wall_s"] / s["wall_s"]
-        s["wall_vs_peft"] = s["wall_s"] / peft["wall_s"] if peft.get("status") == "ok" else None
-        s["rss_vs_peft"] = s["peak_rss_mb"] / peft["peak_rss_mb"] if peft.get("status") == "ok" else None
+        against = stack_peft if m in STACK_METHODS else peft  # a stack: against PEFT merging the same stack
+        s["wall_vs_peft"] = s["wall_s"] / against["wall_s"] if against.get("status") == "ok" else None
+        s["rss_vs_peft"] = s["peak_rss_mb"] / against["peak_rss_mb"] if against.get("status") == "ok" else None
     return summ
 
 
@@ -458,8 +505,9 @@ def parse_methods(spec: str) -> list[str]:
         if not tok:
             continue
         for m in ALIASES.get(tok, [tok]):
-            if m not in ALL_METHODS + PASS_METHODS:
-                raise SystemExit(f"unknown method {m!r}; choose from {ALL_METHODS + PASS_METHODS + list(ALIASES)}")
+            if m not in ALL_METHODS + PASS_METHODS + STACK_METHODS:
+                raise SystemExit(f"unknown method {m!r}; choose from "
+                                 f"{ALL_METHODS + PASS_METHODS + STACK_METHODS + list(ALIASES)}")
             if m not in out:
                 out.append(m)
     return out
@@ -480,6 +528,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--adapters", type=int, default=8,
                     help="adapters for the one-pass methods (pass, separate, copies; alias multi); default 8")
+    ap.add_argument("--stack", type=int, default=3,
+                    help="adapters in the stack of stack, stack-chain and stack-peft (alias stacks); default 3")
     args = ap.parse_args(argv)
     methods = parse_methods(args.methods)
 
@@ -488,6 +538,7 @@ def main(argv=None) -> int:
     base, adapter = Path(syn["base"]), Path(syn["adapter"])
     adapters = (make_synthetic.extra_adapters(data_dir, args.adapters)
                 if any(m in PASS_METHODS for m in methods) else [adapter])
+    stack = make_synthetic.extra_adapters(data_dir, args.stack) if any(m in STACK_METHODS for m in methods) else []
     shard = f"{make_synthetic.shard_bytes(args.preset) // 10**9}GB"
     logs = args.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -503,10 +554,12 @@ def main(argv=None) -> int:
             elif not args.no_warm:
                 read_files([base, *adapters])
             out = args.workdir / f"out-{args.preset}-{m}"
-            cmd = build_cmd(m, base, adapter, out, args.device, shard, adapters)
+            cmd = build_cmd(m, base, adapter, out, args.device, shard, stack if m in STACK_METHODS else adapters)
             fp_before = converter_fingerprint() if m.startswith("converter") else None
             r = run_once(m, cmd, out, logs / f"{args.preset}-{m}-{i}.log", args.timeout)
             r["repeat"] = i
+            if m in STACK_METHODS:
+                r["adapters"] = len(stack)
             if m in PASS_METHODS:
                 r["adapters"] = len(adapters)
                 if r["ok"]:

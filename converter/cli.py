@@ -48,11 +48,17 @@ def cli() -> None:
 
 @cli.command(epilog=EXIT_CODES)
 @click.option("--base", required=True, help="Base model directory, or hub repo id (org/name).")
-@click.option("--adapter", required=True, help="Adapter directory (adapter_config.json + weights), or hub repo id.")
+@click.option("--adapter", "adapters", required=True, multiple=True,
+              help="Adapter directory (adapter_config.json + weights), or hub repo id. Repeat it for a stack: merged "
+                   "in that order into one checkpoint, in one pass.")
+@click.option("--adapter-weight", "weights", type=float, multiple=True,
+              help="Each adapter's weight, in --adapter order (repeat it): the stack becomes a weighted mix "
+                   "(PEFT's add_weighted_adapter, combination cat).")
 @click.option("--output", required=True, help="Output directory (written as OUTPUT.partial, renamed last).")
 @click.option("--base-revision", default=None,
               help="Revision of the base (a hub base is fetched at it); must match the adapter's record.")
-@click.option("--adapter-revision", default=None, help="Revision of the adapter (a hub adapter is fetched at it).")
+@click.option("--adapter-revision", "revisions", multiple=True,
+              help="Revision of the adapter (a hub adapter is fetched at it); in a stack, one per --adapter.")
 @click.option("--cache-dir", default=None, help="Hub cache for repo sources (default: huggingface_hub's).")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Output dtype; auto keeps the base's.")
@@ -86,8 +92,9 @@ def merge(**kw) -> None:
     from converter.convert import convert
     from converter.options import MergeJob
 
+    adapters = _adapter_options(kw.pop("adapters"), kw.pop("weights"), kw.pop("revisions"))
     try:
-        job = MergeJob(**kw)
+        job = MergeJob(**kw, **adapters)
     except ValidationError as exc:
         raise BadInputError([_option_error(e, kw) for e in exc.errors()]) from None
     result = convert(job)
@@ -99,8 +106,22 @@ def merge(**kw) -> None:
     _summary(result.output, result.record)
 
 
+def _adapter_options(adapters: tuple[str, ...], weights: tuple[float, ...], revisions: tuple[str, ...]) -> dict:
+    """MergeJob's adapter fields from the repeated --adapter, --adapter-weight and --adapter-revision."""
+    for option, values in (("--adapter-weight", weights), ("--adapter-revision", revisions)):
+        if values and len(values) != len(adapters):
+            raise BadInputError(f"{option} is given {len(values)} time(s) for {len(adapters)} --adapter",
+                                hint=f"give one {option} per --adapter, in the same order, or none")
+    weights, revisions = weights or (None,) * len(adapters), revisions or (None,) * len(adapters)
+    return {"adapter": adapters[0], "adapter_weight": weights[0], "adapter_revision": revisions[0],
+            "stack": [{"adapter": a, "weight": w, "revision": r} for a, w, r in zip(adapters[1:], weights[1:],
+                                                                                   revisions[1:])]}
+
+
 def _option_error(e: dict, kw: dict) -> str:
     loc, msg = e["loc"], e["msg"].removeprefix("Value error, ")
+    if not loc:
+        return msg
     if loc[0] == "quantize" and len(loc) > 1 and isinstance(loc[1], int):  # name the --quantize value and option
         where = f" ({loc[2]})" if len(loc) > 2 else ""
         return f"--quantize {kw['quantize'][loc[1]]}{where}: {msg}"

@@ -100,7 +100,7 @@ def _check(index: int, job: MergeJob, locks: ExitStack) -> Ready | JobResult:
         inputs = inspect_job(job)
     except OSError as exc:
         raise read_failure(exc, "the inputs") from None
-    guard.check_inputs_untouched(job, guard.resolved_inputs(inputs.base_src.path, inputs.adapter_src.path))
+    guard.check_inputs_untouched(job, guard.resolved_inputs(inputs.base_src.path, inputs.adapter_dirs))
     if inputs.plan is not None and job.strict and inputs.warnings:
         raise BadInputError([str(w) for w in inputs.warnings], hint="--strict turns these warnings into errors")
     out = job.output
@@ -164,7 +164,7 @@ def _finish(r: Ready, merged: Merged, base_hashes: dict[str, Future], started: f
     for w in warnings:
         log.warning(w)
     try:
-        kept = publish.copy_non_weight_files(inputs.base_src.path, inputs.adapter_src.path, partial)
+        kept = publish.copy_non_weight_files(inputs.base_src.path, inputs.adapter_dirs, partial)
         if inputs.plan is not None or not (partial / "config.json").is_file():
             publish.write_config(inputs.info.config, partial, dtype_name(inputs.out_dtype), merged.vocab_size,
                                  merged.untie, merged.quantization_config, merged.task_config)

@@ -39,7 +39,7 @@ def given_inputs(job: MergeJob) -> list[Place]:
     """The job's inputs as given: local directories, and the caches its hub sources and merges read."""
     places = []
     hub = False
-    for what, value in (("base", job.base), ("adapter", job.adapter)):
+    for what, value in (("base", job.base), *(("adapter", a.adapter) for a in job.adapters)):
         if sources.looks_like_path(str(value)):
             places.append(Place(f"the {what}", Path(value)))
         else:
@@ -52,9 +52,9 @@ def given_inputs(job: MergeJob) -> list[Place]:
     return places
 
 
-def resolved_inputs(base_dir: Path, adapter_dir: Path) -> list[Place]:
+def resolved_inputs(base_dir: Path, adapter_dirs: list[Path]) -> list[Place]:
     """The directories the sources resolved to (a hub snapshot, a subfolder)."""
-    return [Place("the base", base_dir), Place("the adapter", adapter_dir)]
+    return [Place("the base", base_dir), *(Place("the adapter", d) for d in adapter_dirs)]
 
 
 def _hub_cache() -> Path:

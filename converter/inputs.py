@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter import codecs, publish, quantize, sources
+from converter import codecs, publish, quantize, sources, stack
 from converter.adapter import Adapter, check_finite, load_adapter, named_adapter
 from converter.checkpoint import Checkpoint
 from converter.errors import AdapterMismatchError, BadInputError, JobWarning, UnsupportedBaseError
@@ -20,6 +20,7 @@ from converter.options import DTYPES, MergeJob
 from converter.plan import MergePlan, build_plan, needs_peft_engine, pattern_value
 from converter.resources import resolve_device
 from converter.sources import Resolved
+from converter.stack import Part, StackedTensors, check_stack
 
 ENGINE_VERSION = 1  # part of every fingerprint: a change that alters outputs bumps it
 
@@ -28,7 +29,7 @@ ENGINE_VERSION = 1  # part of every fingerprint: a change that alters outputs bu
 class Inputs:
     """Everything learnt before any work starts."""
 
-    adapter: Adapter
+    adapter: Adapter | StackedTensors  # the tensors the merge reads: the adapter's, or a stack's
     base: Checkpoint
     info: ModelInfo
     plan: MergePlan | None  # None: PEFT's engine merges this adapter
@@ -41,6 +42,7 @@ class Inputs:
     adapter_src: Resolved
     adapter_hashes: dict[str, str]  # sha256 of every adapter file
     mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
+    parts: list[Part] = field(default_factory=list)  # every adapter, in merge order (a stack: several)
 
 
     @property
@@ -59,6 +61,11 @@ class Inputs:
         pad = {"pad_token_id": -1} if head.task_type == "SEQ_CLS" and self.info.config.get("pad_token_id") is None \
             else {}
         return {"num_labels": head.num_labels, **pad}
+
+    @property
+    def adapter_dirs(self) -> list[Path]:
+        """Where each adapter of the job lies, in merge order."""
+        return [p.src.path for p in self.parts]
 
     @property
     def codec(self) -> codecs.Codec | None:
@@ -99,35 +106,77 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     if job.keep_quantization and job.quantize and isinstance(base, codecs.DecodedCheckpoint):
         raise BadInputError(f"--keep-quantization writes the output as {base.codec.label}; --quantize variants are "
                             "made from a dense output", hint="drop one of --keep-quantization and --quantize")
-    adapter_src = sources.resolve(job.adapter, "adapter", job.adapter_revision, job.adapter_subfolder, job.cache_dir)
-    path, named = named_adapter(adapter_src.path)  # <dir>/<name>/: an adapter PEFT saved under its own name
-    adapter_src = replace(adapter_src, path=path)
-    adapter = load_adapter(adapter_src.path)
-    mismatch = base_mismatch(adapter.config, base_src)
+    parts, warnings = open_adapters(job)
+    check_stack(parts, job.weighted, job.allow_base_mismatch)
+    mismatch = _base_mismatch(parts, base_src)
     if mismatch and not job.allow_base_mismatch:
         raise AdapterMismatchError(mismatch, hint="merge into the base the adapter was trained on, or set "
                                    "allow_base_mismatch (--allow-base-mismatch) if you know they match")
     info = describe(base_src.path, list(base.specs), job.trust_remote_code)
-    nonfinite = check_finite(adapter)
-    if nonfinite:
-        raise BadInputError(f"adapter tensor(s) hold NaN or infinite values: {', '.join(nonfinite[:10])}",
-                            hint="the adapter is broken (diverged training?): use an earlier checkpoint")
-    engine_reason = needs_peft_engine(adapter)
+    engine_reason = None if job.weighted else needs_peft_engine(parts[0].adapter)  # a stack's are all LoRAs
     if engine_reason and isinstance(base, codecs.DecodedCheckpoint):
         raise UnsupportedBaseError(f"{engine_reason}, which merges into the base as transformers loads it; the base "
                                    f"is stored as {base.codec.label}", hint=codecs.DEQUANTIZE_FIX)
-    experts = (expert_plan(adapter, base, base_src.path, job.trust_remote_code)
-               if adapter.config.get("target_parameters") else None)
-    plan = None if engine_reason else build_plan(adapter, base, info, experts)
+    warnings += [w for p in parts for w in _unchecked_revision(p.adapter, base_src)]
+    plan, adapter = (None, parts[0].adapter) if engine_reason else \
+        plan_merge(parts, base, info, base_src.path, job, warnings)
     _check_labels(job, plan)
     resolve_device(job.device)
     _check_quantize(job, info)
-    adapter_hashes = {p.name: publish.sha256_file(p) for p in adapter.files()}
-    warnings = ([JobWarning("named-adapter", named)] if named else []) + _unchecked_revision(adapter, base_src) + \
-        (zero_delta_warnings(adapter, plan) if plan else [])
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
-                  output_dtype(job.dtype, base), fingerprint(job, base_src, base, adapter_hashes), warnings, base_src,
-                  adapter_src, adapter_hashes, mismatch if job.allow_base_mismatch else None)
+                  output_dtype(job.dtype, base), fingerprint(job, base_src, base, parts), warnings, base_src,
+                  parts[0].src, parts[0].hashes, mismatch if job.allow_base_mismatch else None, parts)
+
+
+def open_adapters(job: MergeJob) -> tuple[list[Part], list[JobWarning]]:
+    """Every adapter of the job, resolved (an adapter PEFT saved under its own name found), read and checked for
+    non-finite values; the warnings that finding them gave."""
+    parts, warnings = [], []
+    stacked = len(job.adapters) > 1
+    for i, ref in enumerate(job.adapters):
+        src = sources.resolve(ref.adapter, "adapter", ref.revision, ref.subfolder, job.cache_dir)
+        path, named = named_adapter(src.path)  # <dir>/<name>/: an adapter PEFT saved under its own name
+        src = replace(src, path=path)
+        adapter = load_adapter(src.path)
+        part = Part(adapter, src, {f.name: publish.sha256_file(f) for f in adapter.files()}, ref.weight, ref.adapter)
+        where = f"{part.label(i)}: " if stacked else ""
+        nonfinite = check_finite(adapter)
+        if nonfinite:
+            raise BadInputError(f"{where}adapter tensor(s) hold NaN or infinite values: {', '.join(nonfinite[:10])}",
+                                hint="the adapter is broken (diverged training?): use an earlier checkpoint")
+        if named:
+            warnings.append(JobWarning("named-adapter", where + named))
+        parts.append(part)
+    return parts, warnings
+
+
+def plan_merge(parts: list[Part], base: Checkpoint, info: ModelInfo, base_dir: Path, job: MergeJob,
+               warnings: list[JobWarning]) -> tuple[MergePlan, Adapter | StackedTensors]:
+    """The merge plan, and the tensors it reads: one adapter's, or a stack's (each adapter planned on its own, its
+    problems named by its place in the stack). Zero-delta warnings are added to ``warnings``."""
+    one = len(parts) == 1 and not job.weighted
+    plans, problems, hint = [], [], None
+    for i, part in enumerate(parts):
+        experts = (expert_plan(part.adapter, base, base_dir, job.trust_remote_code)
+                   if part.adapter.config.get("target_parameters") else None)
+        try:
+            plan = build_plan(part.adapter, base, info, experts)
+        except AdapterMismatchError as exc:
+            if one:
+                raise
+            problems += [f"{part.label(i)}: {p}" for p in exc.problems]
+            hint = exc.hint
+            continue
+        for w in zero_delta_warnings(part.adapter, plan):
+            warnings.append(w if one else JobWarning(w.code, f"{part.label(i)}: {w.message}"))
+        plans.append(plan if one else stack.rekeyed(plan, i))
+    if problems:
+        raise AdapterMismatchError(problems, hint=hint)
+    if one:
+        return plans[0], parts[0].adapter
+    tensors = StackedTensors(parts)
+    plan = stack.stack_plan(plans, parts, set(base.specs), tensors, job.weighted, output_dtype(job.dtype, base))
+    return plan, tensors
 
 
 def expert_plan(adapter: Adapter, base: Checkpoint, base_dir: Path, trust_remote_code: bool) -> ExpertPlan:
@@ -169,8 +218,9 @@ def _check_quantize(job: MergeJob, info: ModelInfo) -> None:
                             hint="drop --quantize for this base, or pass --trust-remote-code if it ships its code")
 
 
-def fingerprint(job: MergeJob, base_src: Resolved, base: Checkpoint, adapter_hashes: dict[str, str]) -> str:
-    """The hash of what decides the output: options, engine version, base files, base config, adapter files."""
+def fingerprint(job: MergeJob, base_src: Resolved, base: Checkpoint, parts: list[Part]) -> str:
+    """The hash of what decides the output: options, engine version, base files, base config, adapter files (a
+    stack's: every adapter's, in order, with its weight)."""
     config = base_src.path / "config.json"
     return publish.fingerprint({
         "engine_version": ENGINE_VERSION,
@@ -179,8 +229,18 @@ def fingerprint(job: MergeJob, base_src: Resolved, base: Checkpoint, adapter_has
         "base": ({"repo": base_src.repo, "sha": base_src.sha, "files": sorted(p.name for p in base.files)}
                  if base_src.is_hub else [publish.file_identity(p) for p in base.files]),
         "base_config": publish.sha256_file(config) if config.is_file() else None,
-        "adapter": adapter_hashes,
+        "adapter": parts[0].hashes if len(parts) == 1 and parts[0].weight is None else
+        [{"files": p.hashes, "weight": p.weight} for p in parts],
     })
+
+
+def _base_mismatch(parts: list[Part], base: Resolved) -> str | None:
+    """Why the base differs from the one an adapter records (the first found), or None."""
+    for i, part in enumerate(parts):
+        found = base_mismatch(part.adapter.config, base)
+        if found:
+            return found if len(parts) == 1 else f"{part.label(i)}: {found}"
+    return None
 
 
 def base_mismatch(adapter_config: dict, base: Resolved) -> str | None:

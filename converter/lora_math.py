@@ -65,21 +65,43 @@ def add_delta_rounded(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torc
     return weight + delta.to(out_dtype).float()
 
 
-def dora_linear(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
-                fan_in_fan_out: bool) -> torch.Tensor:
-    """``DoraLinearVariant.merge_unsafe``: m / ||W + dW||_row * (W + dW)."""
+def dora_norm(weight: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool, embedding: bool = False) -> torch.Tensor:
+    """``DoraLinearLayer.get_weight_norm``: ||W + dW|| per output (an embedding's: per column of the table)."""
+    if embedding:
+        return torch.linalg.norm(weight.T + delta.T, dim=1)
     combined = transpose(weight, fan_in_fan_out) + transpose(delta, fan_in_fan_out)
-    weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
-    factor = transpose((magnitude / weight_norm).view(-1, 1), fan_in_fan_out)
-    return factor * (weight + delta)
+    return torch.linalg.norm(combined, dim=1).to(combined.dtype)
 
 
-def dora_embedding(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, fan_in_fan_out: bool, embedding: bool) -> torch.Tensor:
+    """m / ||W + dW||, shaped to scale the weight."""
+    return (magnitude / norm).view(1, -1) if embedding else transpose((magnitude / norm).view(-1, 1), fan_in_fan_out)
+
+
+def dora_linear(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+                fan_in_fan_out: bool, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """``DoraLinearVariant.merge_unsafe``: m / ||W + dW||_row * (W + dW); ``norm``: of the weight unmerged, where
+    other adapters are merged into ``weight`` already."""
+    norm = dora_norm(weight, delta, fan_in_fan_out) if norm is None else norm
+    return dora_factor(magnitude, norm, fan_in_fan_out, False) * (weight + delta)
+
+
+def dora_embedding(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor,
+                   norm: torch.Tensor | None = None) -> torch.Tensor:
     """``DoraEmbeddingVariant.merge_unsafe``: the norm runs over the vocabulary."""
-    combined = weight.T + delta.T
-    weight_norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
-    factor = (magnitude / weight_norm).view(1, -1)
-    return factor * (weight + delta)
+    norm = dora_norm(weight, delta, False, embedding=True) if norm is None else norm
+    return dora_factor(magnitude, norm, False, True) * (weight + delta)
+
+
+def unmerge_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+                 fan_in_fan_out: bool, embedding: bool) -> torch.Tensor:
+    """``Dora*Variant.unmerge``: W / (m / norm) - dW, with the norm its merge used."""
+    return weight / dora_factor(magnitude, norm, fan_in_fan_out, embedding) - delta
+
+
+def unmerge_plain(weight: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``weight.data -= delta.to(weight.dtype)`` (LoRA's unmerge, linear or embedding)."""
+    return weight - delta.to(out_dtype).float()
 
 
 def lora_bias(bias: torch.Tensor, lora_b_bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,6 +9,10 @@ YAML::
         base: {path: models/llama-base}
         adapter: {path: adapters/support-bot-v3}
         output: support-bot-v3
+      - id: sft-then-dpo                       # a stack: merged in order (with `weight`s: a weighted mix)
+        base: {path: models/llama-base}
+        adapters: [{path: adapters/sft}, {path: adapters/dpo}]
+        output: sft-then-dpo
 
 JSONL: one job a line; a first line holding only ``defaults`` and/or ``output_root``
 sets those. Relative paths resolve against the manifest's directory.
@@ -26,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 from converter import guard
 from converter.errors import BadInputError, read_failure
 from converter.guard import Place
-from converter.options import MergeJob
+from converter.options import MergeJob, StackedAdapter
 from converter.sources import REPO_ID
 
 LEDGERS = "runs"  # <output_root>/runs/<timestamp>.jsonl: the run ledgers
@@ -48,6 +52,12 @@ class Source(BaseModel):
         if (self.path is None) == (self.repo is None):
             raise ValueError("give exactly one of `path` or `repo`")
         return self
+
+
+class StackSource(Source):
+    """An adapter of a stack (``adapters:``), with its weight in a weighted mix."""
+
+    weight: float | None = None
 
 
 class JobOptions(BaseModel):
@@ -74,8 +84,22 @@ class JobOptions(BaseModel):
 class JobSpec(JobOptions):
     id: str
     base: Source
-    adapter: Source
+    adapter: Source | None = None
+    adapters: tuple[StackSource, ...] | None = None  # a stack, merged in order (or mixed, with weights)
     output: str
+
+    @model_validator(mode="after")
+    def _one_adapter_field(self) -> "JobSpec":
+        if (self.adapter is None) == (self.adapters is None):
+            raise ValueError("give exactly one of `adapter` or `adapters` (a stack)")
+        if self.adapters is not None and not self.adapters:
+            raise ValueError("`adapters` lists no adapter")
+        return self
+
+    @property
+    def adapter_sources(self) -> tuple[StackSource, ...]:
+        """Every adapter of the job, in order."""
+        return self.adapters or (StackSource(**self.adapter.model_dump()),)
 
     @field_validator("id")
     @classmethod
@@ -132,9 +156,9 @@ def _read(path: Path) -> tuple[dict, list[tuple[str, object]]]:
 def _errors(exc: ValidationError) -> list[str]:
     out = []
     for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(job)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        out.append(f"{loc}: {msg}")
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
     return out
 
 
@@ -234,36 +258,45 @@ def ray_working_dir_copy(directory: Path) -> Path | None:
 def _to_merge_job(spec: JobSpec, defaults: JobOptions, here: Path, out: Path,
                   ray_copy: Path | None = None) -> tuple[list[str], MergeJob | None]:
     problems = []
-    paths = {}
-    for field in ("base", "adapter"):
-        src: Source = getattr(spec, field)
-        if src.repo is not None:
-            if not REPO_ID.match(src.repo):
-                problems.append(f"{field}: repo {src.repo!r} is not a hub repo id (org/name)")
-            paths[field] = Path(src.repo)  # resolved (downloaded or found in the cache) when the job is inspected
-            continue
-        p = Path(src.path).expanduser()
-        p = p if p.is_absolute() else here / p
-        if not (p / src.subfolder if src.subfolder else p).is_dir():
-            missing = f"{field}: path {p / src.subfolder if src.subfolder else p} does not exist"
-            if ray_copy is not None and not Path(src.path).is_absolute():
-                missing += (f" (a relative path resolves inside Ray's temporary copy of the working directory, "
-                            f"{ray_copy}: give absolute paths on storage every node mounts, or hub repos)")
-            problems.append(missing)
-        paths[field] = p
+    base = _source_path("base", spec.base, here, ray_copy, problems)
+    stacked = spec.adapters is not None
+    adapters = [_source_path(f"adapters[{i}]" if stacked else "adapter", src, here, ray_copy, problems)
+                for i, src in enumerate(spec.adapter_sources)]
     if problems:
         return problems, None
     options = {k: v for k, v in defaults.model_dump().items() if v is not None}
     options.update({k: v for k, v in spec.model_dump(include=set(JobOptions.model_fields)).items() if v is not None})
     if options.get("cache_dir") and not Path(options["cache_dir"]).is_absolute():
         options["cache_dir"] = str(here / options["cache_dir"])
+    first, *rest = spec.adapter_sources
     try:
-        job = MergeJob(job_id=spec.id, base=paths["base"], adapter=paths["adapter"], output=out,
-                       base_revision=spec.base.revision, adapter_revision=spec.adapter.revision,
-                       base_subfolder=spec.base.subfolder, adapter_subfolder=spec.adapter.subfolder, **options)
+        job = MergeJob(job_id=spec.id, base=base, adapter=adapters[0], output=out,
+                       base_revision=spec.base.revision, base_subfolder=spec.base.subfolder,
+                       adapter_revision=first.revision, adapter_subfolder=first.subfolder, adapter_weight=first.weight,
+                       stack=[StackedAdapter(adapter=path, revision=src.revision, subfolder=src.subfolder,
+                                             weight=src.weight) for path, src in zip(adapters[1:], rest)],
+                       **options)
     except ValidationError as exc:
         return _errors(exc), None
     return [], job
+
+
+def _source_path(field: str, src: Source, here: Path, ray_copy: Path | None, problems: list[str]) -> Path:
+    """Where a base or adapter source is: a hub repo id (resolved when the job is inspected) or a directory that
+    must exist (relative to the manifest); what is wrong is added to ``problems``."""
+    if src.repo is not None:
+        if not REPO_ID.match(src.repo):
+            problems.append(f"{field}: repo {src.repo!r} is not a hub repo id (org/name)")
+        return Path(src.repo)
+    p = Path(src.path).expanduser()
+    p = p if p.is_absolute() else here / p
+    if not (p / src.subfolder if src.subfolder else p).is_dir():
+        missing = f"{field}: path {p / src.subfolder if src.subfolder else p} does not exist"
+        if ray_copy is not None and not Path(src.path).is_absolute():
+            missing += (f" (a relative path resolves inside Ray's temporary copy of the working directory, "
+                        f"{ray_copy}: give absolute paths on storage every node mounts, or hub repos)")
+        problems.append(missing)
+    return p
 
 
 def _inspect_all(jobs: list[MergeJob]) -> tuple[list[str], list[Place]]:
@@ -284,7 +317,7 @@ def _inspect_all(jobs: list[MergeJob]) -> tuple[list[str], list[Place]]:
         except OSError as exc:
             problems += [f"job {job.id}: {read_failure(exc, 'its inputs')}"]
             continue
-        resolved += guard.resolved_inputs(inputs.base_src.path, inputs.adapter_src.path)
+        resolved += guard.resolved_inputs(inputs.base_src.path, inputs.adapter_dirs)
     return problems, resolved
 
 
@@ -302,9 +335,9 @@ def lock_manifest(path: str | Path) -> list[str]:
     cache_root = (header.get("defaults") or {}).get("cache_dir")
     changes = []
     for _, raw in raw_jobs:
-        for field in ("base", "adapter"):
-            src = raw.get(field) or {}
-            if not src.get("repo"):
+        for field, src in [("base", raw.get("base")), ("adapter", raw.get("adapter")),
+                           *(("adapter", a) for a in raw.get("adapters") or ())]:
+            if not (src or {}).get("repo"):
                 continue
             cache = raw.get("cache_dir", cache_root)
             cache = str(path.resolve().parent / cache) if cache and not Path(cache).is_absolute() else cache

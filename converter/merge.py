@@ -70,16 +70,33 @@ def output_specs(plan: MergePlan, out_dtype: torch.dtype) -> list[OutSpec]:
 # The math of one tensor, whole or a chunk of its rows (twins), and the checks both share.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
+def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype, device,
+                 probe=None) -> torch.Tensor:
     """W' for one whole tensor, in fp32, from its starting value (the base's, or the adapter's replacement,
-    already in the output dtype), as PEFT merges into the base as loaded: LoRA / DoRA, lora_bias, token rows."""
+    already in the output dtype), as PEFT merges into the base as loaded: LoRA / DoRA, lora_bias, token rows.
+    A stack's next adapters (``tp.then``) merge in turn into the weight rounded to the output dtype, as PEFT
+    merges one adapter after another into the loaded model. ``probe(link, before, after, norm_base)``: called
+    for each adapter's change (``norm_base``: the unmerged weight a DoRA merged after others took its norm from)."""
+    layer = PeftLayer(adapter, out_dtype, device)
+    value = start
+    for link in (tp, *tp.then):
+        before = start if link is tp else value.to(out_dtype)
+        value = _link_value(link, before, adapter, out_dtype, device, layer)
+        if probe is not None:
+            probe(link, before, value.to(out_dtype), layer.base)
+    return value
+
+
+def _link_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtype: torch.dtype, device,
+                layer: "PeftLayer") -> torch.Tensor:
+    """One adapter's change to the tensor (``merged_value`` without the stack)."""
     f32 = dict(device=device, dtype=torch.float32)
     if tp.expert is not None:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added in it
         weight = experts.merge_tensor(start.to(device), tp.expert.where, tp.expert.lora(adapter, device)).to(**f32)
     else:
         weight = start.to(**f32, copy=True)  # our own copy: the math below works in place
     if tp.lora is not None:
-        weight = apply_lora(weight, tp.lora, adapter, out_dtype, device)
+        weight = layer.merge(weight, tp.lora)
     if tp.bias_key:
         weight = lora_math.lora_bias(weight, adapter.get(tp.bias_key).to(**f32), tp.bias_scale)
     if tp.rows_key:
@@ -87,14 +104,79 @@ def merged_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter, out_dtyp
     return weight
 
 
-def merged_rows(start: torch.Tensor, lora: "RowLora", r0: int, r1: int, acc: torch.Tensor,
-                delta: torch.Tensor) -> torch.Tensor:
+class PeftLayer:
+    """One weight as PEFT's LoRA layer holds it while adapters merge into it, one after another: the ones merged,
+    and the norm each DoRA one used. A DoRA adapter merged after others takes its norm from the weight with them
+    unmerged (PEFT's ``_unmerged_base_weight``: unmerged in reverse, rounded, then merged again), as here."""
+
+    def __init__(self, adapter: Adapter, out_dtype: torch.dtype, device):
+        self.adapter, self.out_dtype, self.device = adapter, out_dtype, device
+        self.merged: list[LoraOp] = []
+        self.norms: dict[int, torch.Tensor] = {}  # id(op) -> the norm its DoRA merge used
+        self.base: torch.Tensor | None = None  # the unmerged weight the last DoRA merge took its norm from
+
+    def merge(self, weight: torch.Tensor, op: LoraOp) -> torch.Tensor:
+        """``weight`` (fp32, holding output-dtype values: our own copy) with ``op`` merged, unrounded."""
+        self.base = None
+        if op.magnitude_key and self.merged:
+            self.base = self._unmerged(weight)
+            weight = self.base.clone()
+            for done in self.merged:
+                weight = self._merged(weight, done, self.base).to(self.out_dtype).float()
+        value = self._merged(weight, op, self.base)
+        self.merged.append(op)
+        return value
+
+    def _factors(self, op: LoraOp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(A, B, magnitude or None, delta) in fp32 on the device."""
+        f32 = dict(device=self.device, dtype=torch.float32)
+        a, b = self.adapter.get(op.a_key).to(**f32), self.adapter.get(op.b_key).to(**f32)
+        magnitude = self.adapter.get(op.magnitude_key).to(**f32) if op.magnitude_key else None
+        delta = (lora_math.embedding_delta(a, b, op.scale) if op.kind == "embedding"
+                 else lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out))
+        return a, b, magnitude, delta
+
+    def _merged(self, weight: torch.Tensor, op: LoraOp, base: torch.Tensor | None) -> torch.Tensor:
+        """One LoRA module merged: linear or embedding, plain or DoRA (its norm from ``base``, else ``weight``)."""
+        a, b, magnitude, delta = self._factors(op)
+        embedding = op.kind == "embedding"
+        if magnitude is not None:
+            norm = lora_math.dora_norm(weight if base is None else base, delta, op.fan_in_fan_out, embedding)
+            self.norms[id(op)] = norm
+            if embedding:
+                return lora_math.dora_embedding(weight, delta, magnitude, norm)
+            return lora_math.dora_linear(weight, delta, magnitude, op.fan_in_fan_out, norm)
+        if embedding or op.rounds_delta:  # PEFT's embedding merge, ParamWrapper, a mix: the delta rounded, then added
+            return lora_math.add_delta_rounded(weight, delta, self.out_dtype)
+        return lora_math.merge_linear(weight, a, b, op.scale, op.fan_in_fan_out)
+
+    def _unmerged(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with every merged adapter taken out, last first, rounded after each (PEFT's ``unmerge``)."""
+        for op in reversed(self.merged):
+            _, _, magnitude, delta = self._factors(op)
+            if magnitude is None:
+                weight = lora_math.unmerge_plain(weight, delta, self.out_dtype)
+            else:
+                weight = lora_math.unmerge_dora(weight, delta, magnitude, self.norms[id(op)], op.fan_in_fan_out,
+                                                op.kind == "embedding")
+            weight = weight.to(self.out_dtype).float()
+        return weight
+
+
+def merged_rows(start: torch.Tensor, loras: list["RowLora"], r0: int, r1: int, acc: torch.Tensor,
+                delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """W' for rows r0:r1 of a plain LoRA linear weight (or of an expert tensor), in fp32 in ``acc`` (``delta``:
-    scratch for ``B[rows] @ A``): the same rows of ``merged_value``, bit for bit."""
+    scratch for ``B[rows] @ A``): the same rows of ``merged_value``, bit for bit. A stack's LoRAs merge in turn,
+    the rows rounded to the output dtype in between."""
     acc.copy_(start)
-    if lora.fused_dtype is not None:
-        return lora_math.merge_rows_fused(acc, lora.a, lora.b[r0:r1], lora.scale, lora.fused_dtype, delta)
-    return lora_math.merge_linear(acc, lora.a, lora.b[r0:r1], lora.scale, False, delta=delta)
+    for i, lora in enumerate(loras):
+        if i and out_dtype != torch.float32:
+            acc.copy_(acc.to(out_dtype))
+        if lora.fused_dtype is not None:
+            lora_math.merge_rows_fused(acc, lora.a, lora.b[r0:r1], lora.scale, lora.fused_dtype, delta)
+        else:
+            lora_math.merge_linear(acc, lora.a, lora.b[r0:r1], lora.scale, False, delta=delta)
+    return acc
 
 
 @dataclass
@@ -108,6 +190,11 @@ class RowLora:
     fused_dtype: torch.dtype | None = None  # PEFT's ParamWrapper rounding: the delta to this dtype before adding
 
     @classmethod
+    def chain(cls, tp: TensorPlan, adapter: Adapter, out_dtype: torch.dtype, device) -> list["RowLora"]:
+        """The factors of ``tp`` and of the stack's next adapters on it, in merge order."""
+        return [cls.of(link, adapter, out_dtype, device) for link in (tp, *tp.then)]
+
+    @classmethod
     def of(cls, tp: TensorPlan, adapter: Adapter, out_dtype: torch.dtype, device) -> "RowLora":
         """The factors of ``tp``'s LoRA or expert op, on ``device``."""
         if tp.expert is not None:
@@ -116,26 +203,7 @@ class RowLora:
         op = tp.lora
         a = adapter.get(op.a_key).to(device=device, dtype=torch.float32)
         b = adapter.get(op.b_key).to(device=device, dtype=torch.float32)
-        return cls(op.module, a, b, op.scale, out_dtype if op.fused else None)
-
-
-def apply_lora(weight: torch.Tensor, op: LoraOp, adapter: Adapter, out_dtype: torch.dtype, device) -> torch.Tensor:
-    """``weight`` (fp32) with one LoRA module merged: linear or embedding, plain or DoRA."""
-    a = adapter.get(op.a_key).to(device=device, dtype=torch.float32)
-    b = adapter.get(op.b_key).to(device=device, dtype=torch.float32)
-    magnitude = adapter.get(op.magnitude_key).to(device=device, dtype=torch.float32) if op.magnitude_key else None
-    if op.kind == "embedding":
-        delta = lora_math.embedding_delta(a, b, op.scale)
-        if magnitude is not None:
-            return lora_math.dora_embedding(weight, delta, magnitude)
-        return lora_math.add_delta_rounded(weight, delta, out_dtype)
-    if op.fused:  # PEFT's ParamWrapper: the delta rounded to the dtype, then added
-        return lora_math.add_delta_rounded(weight, lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out),
-                                           out_dtype)
-    if magnitude is None:
-        return lora_math.merge_linear(weight, a, b, op.scale, op.fan_in_fan_out)
-    delta = lora_math.linear_delta(a, b, op.scale, op.fan_in_fan_out)
-    return lora_math.dora_linear(weight, delta, magnitude, op.fan_in_fan_out)
+        return cls(op.module, a, b, op.scale, out_dtype if op.rounds_delta else None)
 
 
 def overflow(name: str, value: torch.Tensor, dtype: torch.dtype) -> MergeError | None:
@@ -181,7 +249,7 @@ class _Use:  # one output tensor computed from a base tensor
     member: Member
     tp: TensorPlan
     out_dtype: torch.dtype
-    lora: RowLora | None = None  # the factors, from the first chunk to the last
+    loras: list[RowLora] | None = None  # the factors (a stack's: several), from the first chunk to the last
     changed: bool = False
     probe: RowProbe | None = None
 
@@ -209,6 +277,8 @@ def is_chunkable(tp: TensorPlan, src, stored=None) -> bool:
         return False
     if tuple(src.shape) != tuple(tp.shape) or tuple(stored.shape) != tuple(tp.shape) or len(tp.shape) != 2 \
             or 0 in tp.shape:
+        return False
+    if tp.then and not all(is_chunkable(link, src, stored) for link in tp.then):
         return False
     if tp.expert is not None:
         return op is None and tp.expert.by_rows
@@ -366,15 +436,22 @@ class StreamingPass:
                 self._write(u.member, u.member.writer.write, u.tp.name, got.to(u.out_dtype))
                 continue
             start = got.to(u.out_dtype)  # rounded once: the merge starts from it and "changed" compares with it
-            value = merged_value(u.tp, start, u.member.adapter, u.out_dtype, self.device)
+            errors = []
+
+            def probe(link: TensorPlan, before: torch.Tensor, after: torch.Tensor, norm_base, u=u) -> None:
+                if link.lora is not None:
+                    errors.append(probe_error(after, before if link is not u.tp else got, link.lora, u.member.adapter,
+                                              norm_base=norm_base))
+
+            value = merged_value(u.tp, start, u.member.adapter, u.out_dtype, self.device,
+                                 probe if self.probe else None)
             u.member.error = overflow(u.tp.name, value, u.out_dtype)
             if u.member.error is not None:
                 continue
             out = value.to(u.out_dtype).cpu()
             u.member.stats.changed += differs(start, out)
-            if self.probe and u.tp.lora is not None:
-                u.member.stats.record_probe(u.tp.lora.module, probe_error(out, got, u.tp.lora, u.member.adapter),
-                                            self.tol)
+            if errors:
+                u.member.stats.record_probe(u.tp.lora.module if u.tp.lora else u.tp.name, max(errors), self.tol)
             self._write(u.member, u.member.writer.write, u.tp.name, out)
 
     def _rows(self, st: _Step, r0: int, r1: int, host_in: torch.Tensor, live: list[_Use]) -> None:
@@ -407,9 +484,9 @@ class StreamingPass:
         if op is None and u.tp.expert is None:
             o.copy_(start)
         else:
-            u.lora = u.lora or RowLora.of(u.tp, u.member.adapter, dtype, self.device)
+            u.loras = u.loras or RowLora.chain(u.tp, u.member.adapter, dtype, self.device)
             acc, delta = (s[: w.numel()].view(w.shape) for s in reversed(self.scratch))
-            merged_rows(start, u.lora, r0, r1, acc, delta)  # rounded once to the output dtype below
+            merged_rows(start, u.loras, r0, r1, acc, delta, dtype)  # rounded once to the output dtype below
             u.member.error = overflow(u.tp.name, acc, dtype)
             if u.member.error is not None:
                 self.outputs.put(host_out)
@@ -418,7 +495,7 @@ class StreamingPass:
             u.changed = u.changed or differs(start, o)
             if probe:
                 u.probe = u.probe or RowProbe(u.tp.shape[1], o.device)
-                u.probe.add(start, o, u.lora.a, u.lora.b, r0, u.lora.scale)
+                u.probe.add(start, o, u.loras, r0)
         encode = u.member.writer.row_encoder(u.tp.name)  # the base's own format (--keep-quantization)
         pieces = encode(o, r0) if encode else [(u.tp.name, r0 * w.shape[1] * dtype.itemsize, o)]
         self._write_rows(u.member, pieces, host_out)
@@ -441,8 +518,8 @@ class StreamingPass:
             return
         u.member.stats.changed += u.changed
         if u.probe is not None:
-            u.member.stats.record_probe(u.lora.module, u.probe.error(), self.tol)
-        u.lora = u.probe = None
+            u.member.stats.record_probe(u.loras[0].module, u.probe.error(), self.tol)
+        u.loras = u.probe = None
 
     STEPS = {"copy": _copy, "whole": _whole, "chunks": _rows}
 

@@ -6,15 +6,31 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from converter.quantize import QuantSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+class StackedAdapter(BaseModel):
+    """An adapter merged after the job's first one (a stack): where it is, and its weight in a weighted mix."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    adapter: str  # a directory or a hub repo id, as given
+    revision: str | None = None
+    subfolder: str | None = None
+    weight: float | None = None
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _as_given(cls, value):
+        return str(value) if isinstance(value, Path) else value
+
+
 class MergeJob(BaseModel):
-    """One (base, adapter) pair and how to convert it."""
+    """One base, the adapter (or stack of adapters) merged into it, and how to convert it."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -26,6 +42,8 @@ class MergeJob(BaseModel):
     adapter_revision: str | None = None
     base_subfolder: str | None = None
     adapter_subfolder: str | None = None
+    adapter_weight: float | None = None  # the first adapter's weight in a weighted mix
+    stack: tuple[StackedAdapter, ...] = ()  # adapters merged after the first, in order
     cache_dir: Path | None = None  # hub cache (default: huggingface_hub's, HF_HUB_CACHE / HF_HOME)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -74,6 +92,25 @@ class MergeJob(BaseModel):
         except ValueError:
             raise ValueError(f"{value!r} is not a size like 5GB, 500MB or 200KB") from None
         return value
+
+    @model_validator(mode="after")
+    def _weights_for_all(self) -> "MergeJob":
+        weights = [self.adapter_weight] + [a.weight for a in self.stack]
+        if any(w is not None for w in weights) and None in weights:
+            raise ValueError("a weighted mix needs a weight for every adapter of the stack (or none: merged in order)")
+        return self
+
+    @property
+    def adapters(self) -> tuple[StackedAdapter, ...]:
+        """Every adapter of the job, in merge order (one, unless a stack)."""
+        first = StackedAdapter(adapter=self.adapter, revision=self.adapter_revision, subfolder=self.adapter_subfolder,
+                               weight=self.adapter_weight)
+        return (first, *self.stack)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the adapters are mixed by weight (PEFT's add_weighted_adapter, "cat"), not merged in order."""
+        return self.adapter_weight is not None
 
     @property
     def id(self) -> str:

@@ -43,7 +43,9 @@ class LoraOp:
     scale: float
     fan_in_fan_out: bool = False
     magnitude_key: str | None = None
-    fused: bool = False  # a per-expert tensor PEFT merges as part of a fused parameter (delta rounded, then added)
+    # PEFT rounds the delta to the dtype, then adds it: a per-expert tensor it merges as part of a fused parameter
+    # (ParamWrapper), or a weighted mix (its adapter is made in the base's dtype)
+    rounds_delta: bool = False
 
 
 @dataclass
@@ -61,6 +63,8 @@ class TensorPlan:
     added: bool = False  # not in the base checkpoint (an untied output embedding)
     expert: ExpertOp | None = None  # a LoRA on a fused (expert) parameter this tensor is part of
     head: bool = False  # a task head's tensor the adapter adds (the base has none)
+    # a stack: the same tensor as the next adapters change it, each merged into the weight the one before left
+    then: tuple["TensorPlan", ...] = ()
 
 
     @property
@@ -264,7 +268,7 @@ class _Planner:
         if problem is not None:
             self.problems.append(problem)
             return
-        op.fused = tp.name in self.info.converted  # a transformers-4 per-expert adapter: PEFT fuses it on load
+        op.rounds_delta = tp.name in self.info.converted  # a transformers-4 per-expert adapter: PEFT fuses it on load
         tp.lora = op
         bias = self.target(f"{module}.bias", roles["B_bias"]) if "B_bias" in roles else None
         if bias is not None:

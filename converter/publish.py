@@ -67,13 +67,14 @@ def copy_companions(src_dir: Path, out_dir: Path, skip_existing: bool = False) -
     return kept
 
 
-def copy_non_weight_files(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str]:
-    """The base's companions (``copy_companions``), then the tokenizer files the adapter ships, which win;
-    returns the relative paths copied."""
+def copy_non_weight_files(base_dir: Path, adapter_dirs: list[Path], out_dir: Path) -> list[str]:
+    """The base's companions (``copy_companions``), then the tokenizer files the adapters ship, which win (in a
+    stack, the last adapter's that ships one); returns the relative paths copied."""
     kept = copy_companions(base_dir, out_dir)
-    for name in TOKENIZER_FILES:
-        if (adapter_dir / name).is_file():
-            shutil.copy2(adapter_dir / name, out_dir / name)
+    shipping = [d for d in adapter_dirs if any((d / name).is_file() for name in TOKENIZER_FILES)]
+    for name in TOKENIZER_FILES if shipping else ():
+        if (shipping[-1] / name).is_file():
+            shutil.copy2(shipping[-1] / name, out_dir / name)
             if name not in kept:
                 kept.append(name)
     return kept

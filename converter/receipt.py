@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from converter.inputs import Inputs
     from converter.options import MergeJob
     from converter.sources import Resolved
+    from converter.stack import Part
 
 RECEIPT = "conversion.json"
 SCHEMA = 1
@@ -73,6 +74,7 @@ class AdapterSource(Source):
     recorded_base_revision: str | None = None
     peft_type: str
     options: dict = Field(default_factory=dict)
+    weight: float | None = None  # its weight in a weighted mix
 
 
 class Figures(_Part):
@@ -143,7 +145,9 @@ class Receipt(_Part):
     base: Source
     allow_base_mismatch: bool = False
     base_mismatch: str | None = None
-    adapter: AdapterSource
+    adapter: AdapterSource  # the first adapter (a stack's: all of them in ``stack``)
+    stack: list[AdapterSource] | None = None  # every adapter merged, in order, when more than one or weighted
+    weighted: bool = False  # the stack was mixed by weight (PEFT's add_weighted_adapter "cat"), not merged in order
     counts: Counts
     dtype: str
     untied_embeddings: bool = False
@@ -181,9 +185,20 @@ class Receipt(_Part):
         recorded = self.adapter.options.get("base_model_name_or_path")
         return self.base.repo or recorded or Path(self.base.source).name
 
-    def adapter_name(self) -> str:
-        """How cards name the adapter: its hub repo, else its directory's name."""
-        return self.adapter.repo or Path(self.adapter.source).name
+    def adapter_name(self, adapter: AdapterSource | None = None) -> str:
+        """How cards name an adapter (default: the first): its hub repo, else its directory's name."""
+        adapter = adapter or self.adapter
+        return adapter.repo or Path(adapter.source).name
+
+    def what_was_merged(self) -> str:
+        """The card's words for the adapter, or the stack and how it was merged."""
+        peft_type = self.adapter.peft_type
+        if not self.stack:
+            return f"the {peft_type} adapter `{self.adapter_name()}`"
+        names = [f"`{self.adapter_name(a)}`" + (f" (weight {a.weight:g})" if self.weighted else "") for a in self.stack]
+        if self.weighted:
+            return f"a weighted mix of the {peft_type} adapters {', '.join(names)}"
+        return f"the {peft_type} adapters {', '.join(names)}, merged in that order,"
 
 
 ADAPTER_OPTIONS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "target_modules",
@@ -197,21 +212,26 @@ def build_receipt(job: "MergeJob", inputs: "Inputs", merged: "Merged", verificat
     """The receipt of a finished job, from what each step produced."""
     from converter.resources import forward_device, merge_device, peak_rss_bytes, versions
 
-    config = inputs.adapter.config
+    adapters = [_adapter_source(p) for p in inputs.parts]
     return Receipt(
         job_id=job.id, status="succeeded", fingerprint=inputs.fingerprint, engine=inputs.engine,
         engine_reason=inputs.engine_reason,
         base=Source(**_source(inputs.base_src), files=base_files, format=_base_format(inputs, merged)),
         allow_base_mismatch=job.allow_base_mismatch, base_mismatch=inputs.mismatch,
-        adapter=AdapterSource(**_source(inputs.adapter_src), recorded_base_revision=config.get("revision"),
-                              files=inputs.adapter_hashes, peft_type=inputs.adapter.peft_type,
-                              options={k: config[k] for k in ADAPTER_OPTIONS if k in config}),
+        adapter=adapters[0], stack=adapters if len(adapters) > 1 or job.weighted else None, weighted=job.weighted,
         counts=merged.counts, dtype=dtype_name(inputs.out_dtype), untied_embeddings=merged.untie,
         vocab_size=merged.vocab_size, kept_files=kept, verification=verification, quantization=variants,
         warnings=[str(w) for w in warnings], versions=versions(),
         host={"hostname": socket.gethostname(), "device": str(merge_device(job.device, inputs.codec is not None)),
               "forward_device": str(forward_device(job.device))},
         peak_rss_bytes={"merge": merged.peak_rss, "total": max(merged.peak_rss, peak_rss_bytes())}, timings=timings)
+
+
+def _adapter_source(part: "Part") -> AdapterSource:
+    config = part.adapter.config
+    options = {k: config[k] for k in ADAPTER_OPTIONS if k in config}
+    return AdapterSource(**_source(part.src), recorded_base_revision=config.get("revision"), files=part.hashes,
+                         peft_type=part.adapter.peft_type, options=options, weight=part.weight)
 
 
 def _base_format(inputs: "Inputs", merged: "Merged") -> BaseFormat | None:
@@ -242,8 +262,8 @@ def model_card(receipt: Receipt) -> str:
     peft_type = receipt.adapter.peft_type
     lines = ["---", f"base_model: {receipt.base_name()}", "base_model_relation: finetune", "library_name: transformers",
              "tags:", "- merged-adapter", f"- {peft_type.lower()}", "---", "", f"# {receipt.job_id}", "",
-             f"This checkpoint is `{receipt.base_name()}` with the {peft_type} adapter `{receipt.adapter_name()}` "
-             "merged into its weights; it loads with `from_pretrained` and needs no PEFT at inference.", "",
+             f"This checkpoint is `{receipt.base_name()}` with {receipt.what_was_merged()} merged into its weights; it "
+             "loads with `from_pretrained` and needs no PEFT at inference.", "",
              f"- output dtype: {receipt.dtype}" + _format_line(receipt.base.format),
              f"- tensors merged / replaced / copied / added: {c.merged} / {c.replaced} / {c.copied} / {c.added}",
              f"- verification: {v.level} ({'passed' if v.passed else 'not passed'})"]

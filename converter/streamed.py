@@ -319,17 +319,17 @@ def _to_device(root: nn.Module, device: torch.device) -> None:
                     store[name] = nn.Parameter(moved, requires_grad=False) if store is module._parameters else moved
 
 
-def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: ModelInfo, adapter, merged: Checkpoint,
+def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: ModelInfo, parts: list, merged: Checkpoint,
                      merged_info: ModelInfo, vocab_size: int | None, device: torch.device,
                      trust_remote_code: bool = False, overrides: dict | None = None):
-    """Figures of the merged checkpoint against the unmerged PeftModel (``adapter``: converter.adapter.Adapter),
-    both run block by block from disk."""
-    from peft import PeftModel
-
+    """Figures of the merged checkpoint against the unmerged PeftModel (every adapter of ``parts``,
+    converter.stack.Part, active), both run block by block from disk."""
+    from converter.stack import reference_model
     from converter.verify import compare, probe_inputs
 
-    provided = adapter_held(adapter)
-    real = tuple(adapter.config.get("modules_to_save") or ()) + tuple(p.rpartition(".")[0] for p in provided)
+    provided = frozenset().union(*(adapter_held(p.adapter) for p in parts))
+    real = tuple(m for p in parts for m in p.adapter.config.get("modules_to_save") or ()) + \
+        tuple(p.rpartition(".")[0] for p in provided)
     model = empty_model(model_cls, base_dir, trust_remote_code, real, overrides)
     if vocab_size is not None and model.get_input_embeddings().weight.shape[0] != vocab_size:
         model.resize_token_embeddings(vocab_size)
@@ -338,7 +338,7 @@ def streamed_figures(model_cls, base: Checkpoint, base_dir: Path, base_info: Mod
         raise StreamUnsupported(f"no tensor of the base is found for {', '.join(loader.missing[:5])}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unmerged = PeftModel.from_pretrained(model, adapter.directory).eval()
+        unmerged = reference_model(model, parts)
     inputs = probe_inputs(model.config)
     ref, is_logits = streamed_outputs(model, loader, unmerged, inputs, device)
     del unmerged, model, loader

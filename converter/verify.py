@@ -25,6 +25,7 @@ from converter.errors import VerificationError
 from converter.modelinfo import config_scopes
 from converter.receipt import Figures, FullCheck, ModuleCheck, Verification
 from converter.resources import peak_rss_bytes, reset_peak_rss
+from converter.stack import reference_model
 from converter.streamed import StreamUnsupported, streamed_figures
 
 if TYPE_CHECKING:
@@ -79,24 +80,28 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
 
 
-def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: "LoraOp", adapter: "Adapter", seed: int = 0) -> float:
-    """Relative error of random probes through a whole W' against W·x + s·B·(A·x) (DoRA: times m/‖W+sBA‖)."""
+def probe_error(merged: torch.Tensor, unmerged: torch.Tensor, op: "LoraOp", adapter: "Adapter", seed: int = 0,
+                norm_base: torch.Tensor | None = None) -> float:
+    """Relative error of random probes through a whole W' against W·x + s·B·(A·x) (DoRA: times m/‖W+sBA‖, the
+    norm of ``norm_base`` + sBA where given: a DoRA merged after other adapters takes it from the weight
+    without them)."""
     g = torch.Generator().manual_seed(seed)
     a, b = adapter.get(op.a_key).float(), adapter.get(op.b_key).float()
     w, merged = unmerged.float().cpu(), merged.float().cpu()
+    nw = w if norm_base is None else norm_base.float().cpu()
     magnitude = adapter.get(op.magnitude_key).float() if op.magnitude_key else None
     if op.kind == "embedding":  # rows of the table for random token ids
         idx = torch.randint(0, w.shape[0], (16,), generator=g)
         ref = w[idx] + op.scale * (a[:, idx].T @ b.T)
         if magnitude is not None:
-            norm = torch.linalg.vector_norm(w + op.scale * (b @ a).T, dim=0)
+            norm = torch.linalg.vector_norm(nw + op.scale * (b @ a).T, dim=0)
             ref = ref * (magnitude / norm).view(1, -1)
         return relative_error(merged[idx], ref)
     w_std = lora_math.transpose(w, op.fan_in_fan_out)
     x = torch.randn(w_std.shape[1], 8, generator=g)
     ref = w_std @ x + op.scale * (b @ (a @ x))
     if magnitude is not None:
-        norm = torch.linalg.vector_norm(w_std + op.scale * (b @ a), dim=1)
+        norm = torch.linalg.vector_norm(lora_math.transpose(nw, op.fan_in_fan_out) + op.scale * (b @ a), dim=1)
         ref = ref * (magnitude / norm).view(-1, 1)
     return relative_error(lora_math.transpose(merged, op.fan_in_fan_out) @ x, ref)
 
@@ -107,21 +112,24 @@ class RowProbe:
     def __init__(self, cols: int, device):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(cols, PROBE_COLS, generator=g).to(device)
-        self.ax: torch.Tensor | None = None  # A·x, the same for every chunk
+        self.ax: list[torch.Tensor] | None = None  # A·x of each LoRA, the same for every chunk
         self.idx: dict[int, torch.Tensor] = {}  # probed rows of a chunk, by its row count
         self.got: list[torch.Tensor] = []
         self.ref: list[torch.Tensor] = []
 
-    def add(self, start: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r0: int,
-            scale: float) -> None:
-        """Probe rows of the chunk starting at row ``r0`` (``start``: its rows before, ``out``: after)."""
+    def add(self, start: torch.Tensor, out: torch.Tensor, loras: list, r0: int) -> None:
+        """Probe rows of the chunk starting at row ``r0`` (``start``: its rows before, ``out``: after; ``loras``:
+        the factors merged, with ``a``, ``b`` and ``scale``: one, or a stack's)."""
         rows = start.shape[0]
         if rows not in self.idx:
             self.idx[rows] = torch.linspace(0, rows - 1, min(PROBE_ROWS_PER_CHUNK, rows)).round().long().to(out.device)
         idx = self.idx[rows]
         if self.ax is None:
-            self.ax = a @ self.x
-        self.ref.append(torch.addmm(start[idx].float() @ self.x, b[r0 + idx], self.ax, alpha=scale))
+            self.ax = [lora.a @ self.x for lora in loras]
+        ref = start[idx].float() @ self.x
+        for lora, ax in zip(loras, self.ax):
+            ref = torch.addmm(ref, lora.b[r0 + idx], ax, alpha=lora.scale)
+        self.ref.append(ref)
         self.got.append(out[idx].float() @ self.x)
 
     def error(self) -> float:
@@ -205,7 +213,7 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
                 kept: bool) -> Figures:
     """The merged model against the unmerged adapter: whole models in memory, or streamed block by block."""
     if how == "in memory":
-        return full_verification(inputs.model_cls, inputs.base_src.path, inputs.adapter_src.path, merged_dir,
+        return full_verification(inputs.model_cls, inputs.base_src.path, inputs.parts, merged_dir,
                                  vocab_size, job.trust_remote_code, quantized=inputs.codec is not None, kept=kept,
                                  overrides=inputs.config_overrides)
     from converter.checkpoint import Checkpoint
@@ -215,7 +223,7 @@ def _end_to_end(how: str, job: "MergeJob", inputs: "Inputs", merged_dir: Path, v
 
     merged = decoded(Checkpoint(merged_dir), base_config(merged_dir), str(merged_dir))
     merged_info = describe(merged_dir, list(merged.specs), job.trust_remote_code)
-    return streamed_figures(inputs.model_cls, inputs.base, inputs.base_src.path, inputs.info, inputs.adapter,
+    return streamed_figures(inputs.model_cls, inputs.base, inputs.base_src.path, inputs.info, inputs.parts,
                             merged, merged_info, vocab_size, forward_device(job.device), job.trust_remote_code,
                             inputs.config_overrides)
 
@@ -320,12 +328,12 @@ def judge(figures: Figures, tol: Tolerance) -> list[str]:
     return failures
 
 
-def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: Path, vocab_size: int | None,
+def full_verification(model_cls, base_dir: Path, parts: list, merged_dir: Path, vocab_size: int | None,
                       trust_remote_code: bool = False, quantized: bool = False, kept: bool = False,
                       overrides: dict | None = None) -> Figures:
     """Figures of the merged checkpoint (loaded as a user would) against the unmerged PeftModel (on the base as
-    transformers loads it; a ``quantized`` base dequantized by transformers: the weights the adapter saw)."""
-    from peft import PeftModel
+    transformers loads it; a ``quantized`` base dequantized by transformers: the weights the adapter saw), with
+    every adapter of ``parts`` (converter.stack.Part) active."""
 
     kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, **(overrides or {}))
     with warnings.catch_warnings():
@@ -334,7 +342,7 @@ def full_verification(model_cls, base_dir: Path, adapter_dir: Path, merged_dir: 
         base = base.eval()
         if vocab_size is not None and base.get_input_embeddings().weight.shape[0] != vocab_size:
             base.resize_token_embeddings(vocab_size)
-        unmerged = PeftModel.from_pretrained(base, adapter_dir).eval()
+        unmerged = reference_model(base, parts)
         inputs = probe_inputs(base.config)
         ref, is_logits = model_outputs(unmerged, inputs)
         del unmerged, base

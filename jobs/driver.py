@@ -96,7 +96,7 @@ def memory_estimate(job: MergeJob, max_node_memory: float | None) -> int:
 
 
 def _adapter_bytes(job: MergeJob) -> int:
-    return sum(p.stat().st_size for p in Path(job.adapter).glob("adapter_model.*"))
+    return sum(p.stat().st_size for a in job.adapters for p in Path(a.adapter).glob("adapter_model.*"))
 
 
 @dataclass(frozen=True)
