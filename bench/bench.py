@@ -208,6 +208,9 @@ def build_cmd(method: str, base: Path, adapter: Path, out: Path, device: str | N
                 shard, *many]
     if method == "copies":
         return [sys.executable, "-c", COPIES_SNIPPET, str(base), str(out), str(len(many))]
+    if method.startswith("export-"):  # the merge, then one variant written from it (--quantize METHOD)
+        return build_cmd("converter-none", base, adapter, out, device, shard) + ["--quantize",
+                                                                                method.removeprefix("export-")]
     if method.endswith("-cold"):  # no converter.cache: the base is described and hashed again
         return ["env", "CONVERTER_CACHE_DIR=off"] + build_cmd(method.removesuffix("-cold"), base, adapter, out, device,
                                                               shard, adapters)
@@ -345,6 +348,8 @@ def run_once(method: str, cmd: list[str], out: Path, log: Path, timeout: float, 
         res["wall_s"] = proc_s + res["sync_s"]
         res["out_files"], res["out_bytes"] = dir_bytes(out)
         res["ok"] = res["out_files"] > 0
+        if method.startswith("export-"):
+            res.update(export_figures(out, method.removeprefix("export-")))
         if not res["ok"]:
             res["error"] = "exit 0 but no output files"
     else:
@@ -355,6 +360,16 @@ def run_once(method: str, cmd: list[str], out: Path, log: Path, timeout: float, 
         res["error"] = (f"timeout after {timeout:.0f}s" if timed_out else f"exit {rc}") + f": {last}"
     remove_outputs(out)
     return res
+
+
+def export_figures(out: Path, qmethod: str) -> dict:
+    """The variant's own figures from the receipt (its write time, size, peak RSS while writing), its files synced
+    here and the sync added: the export beyond the merge, against a synced copy of as many bytes."""
+    variant = json.loads((out / "conversion.json").read_text())["quantization"][0]
+    t = time.perf_counter()
+    fsync_tree(out.with_name(f"{out.name}-{qmethod}"))
+    return {"export_s": variant["timings"]["write_s"] + time.perf_counter() - t, "export_bytes": variant["size_bytes"],
+            "export_peak_rss_mb": variant["peak_rss_bytes"]["write"] / 2**20}
 
 
 def summarize(methods, runs) -> dict:
@@ -379,6 +394,9 @@ def summarize(methods, runs) -> dict:
             peak_rss_mb_all=[round(r["peak_rss_mb"], 1) for r in ok],
             out_bytes=ok[0]["out_bytes"], out_files=ok[0]["out_files"],
         )
+        if m.startswith("export-"):
+            summ[m].update(export_s=statistics.median(r["export_s"] for r in ok), export_bytes=ok[0]["export_bytes"],
+                           export_peak_rss_mb=statistics.median(r["export_peak_rss_mb"] for r in ok))
         srcs = sorted({r["converter_src"] for r in rs if r.get("converter_src")})
         if srcs:
             summ[m]["converter_src"] = srcs
@@ -404,6 +422,8 @@ def summarize(methods, runs) -> dict:
             if m == "pass" and separate.get("status") == "ok":
                 s["speedup_vs_separate"] = separate["wall_s"] / s["wall_s"]
         against = stack_peft if m in STACK_METHODS else peft  # a stack: against PEFT merging the same stack
+        if "export_s" in s and ref.get("status") == "ok" and ref.get("out_bytes"):
+            s["export_vs_copy_own_size"] = s["export_s"] / (ref["wall_s"] * s["export_bytes"] / ref["out_bytes"])
         s["wall_vs_peft"] = s["wall_s"] / against["wall_s"] if against.get("status") == "ok" else None
         s["rss_vs_peft"] = s["peak_rss_mb"] / against["peak_rss_mb"] if against.get("status") == "ok" else None
     return summ
@@ -433,6 +453,9 @@ def table_rows(methods, summ):
                                       if s.get("adapters") else "")
                      + (f", {s['speedup_vs_separate']:.2f}x faster than separate"
                         if s.get("speedup_vs_separate") else "")
+                     + (f", export {s['export_s']:.2f}s ({s['export_bytes'] / 1e9:.2f} GB, "
+                        f"{_fmt(s.get('export_vs_copy_own_size'), '.2f')}x a copy of its size, "
+                        f"RSS {s['export_peak_rss_mb']:.0f} MB)" if "export_s" in s else "")
                      + (f" src {s['converter_src'][0][:8]}" if s.get("converter_src") else "")
                      + (" (MIXED SOURCE)" if s.get("warning") else "")])
     return rows
@@ -505,7 +528,7 @@ def parse_methods(spec: str) -> list[str]:
         if not tok:
             continue
         for m in ALIASES.get(tok, [tok]):
-            if m not in ALL_METHODS + PASS_METHODS + STACK_METHODS:
+            if m not in ALL_METHODS + PASS_METHODS + STACK_METHODS and not m.startswith("export-"):
                 raise SystemExit(f"unknown method {m!r}; choose from "
                                  f"{ALL_METHODS + PASS_METHODS + STACK_METHODS + list(ALIASES)}")
             if m not in out:

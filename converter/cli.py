@@ -70,8 +70,9 @@ def cli() -> None:
               help="modules: probes through each merged weight; full: also the unmerged PeftModel's outputs "
                    "against the merged checkpoint loaded from disk.")
 @click.option("--quantize", multiple=True, metavar="METHOD[:key=value,...]",
-              help="Also write a quantized variant to OUTPUT-METHOD (repeatable): bnb-int8, bnb-nf4, bnb-fp4; "
-                   "e.g. bnb-nf4:double_quant=true,compute_dtype=bfloat16.")
+              help="Also write a quantized variant to OUTPUT-METHOD (repeatable): bnb-int8, bnb-nf4, bnb-fp4 "
+                   "(transformers), fp8 (compressed-tensors: vLLM, SGLang), gguf-f16, gguf-bf16, gguf-q8_0 "
+                   "(llama.cpp, Ollama); e.g. bnb-nf4:double_quant=true or fp8:block=128.")
 @click.option("--force", is_flag=True, help="Replace an earlier output of converter made with other inputs or "
               "options (never an input, never a directory converter did not write).")
 @click.option("--strict", is_flag=True, help="Fail on warnings, e.g. an adapter whose deltas are all zero.")

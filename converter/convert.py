@@ -174,7 +174,7 @@ def _finish(r: Ready, merged: Merged, base_hashes: dict[str, Future], started: f
         r.timings["total_s"] = r.own_seconds(started)
         receipt = build_receipt(job, inputs, merged, verification, variants, kept, warnings, r.timings,
                                 {name: f.result() for name, f in base_hashes.items()})
-        publish.publish_job(receipt, partial, job.output, [(v, vdir, quantize.METHODS[spec.method].tag)
+        publish.publish_job(receipt, partial, job.output, [(v, vdir, quantize.card_words(spec))
                                                            for v, (spec, vdir) in zip(variants, r.variants)])
     except Exception as exc:  # noqa: BLE001 - the job's outcome
         return exc

@@ -122,7 +122,7 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
         plan_merge(parts, base, info, base_src.path, job, warnings)
     _check_labels(job, plan)
     resolve_device(job.device)
-    _check_quantize(job, info)
+    _check_quantize(job, info, publish.tokenizer_source(base_src.path, [p.src.path for p in parts]))
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
                   output_dtype(job.dtype, base), fingerprint(job, base_src, base, parts), warnings, base_src,
                   parts[0].src, parts[0].hashes, mismatch if job.allow_base_mismatch else None, parts)
@@ -208,7 +208,7 @@ def _check_labels(job: MergeJob, plan: MergePlan | None) -> None:
                             f"{head.num_labels} outputs", hint=f"give {head.num_labels} labels, in order")
 
 
-def _check_quantize(job: MergeJob, info: ModelInfo) -> None:
+def _check_quantize(job: MergeJob, info: ModelInfo, tokenizer_dir: Path) -> None:
     if not job.quantize:
         return
     quantize.check_available(job.quantize)
@@ -216,6 +216,7 @@ def _check_quantize(job: MergeJob, info: ModelInfo) -> None:
         raise BadInputError(f"--quantize {' '.join(str(q) for q in job.quantize)}: a quantized variant is loaded "
                             f"through transformers, which cannot build this model ({info.note})",
                             hint="drop --quantize for this base, or pass --trust-remote-code if it ships its code")
+    quantize.check_layout(job.quantize, info, tokenizer_dir)
 
 
 def fingerprint(job: MergeJob, base_src: Resolved, base: Checkpoint, parts: list[Part]) -> str:

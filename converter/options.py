@@ -121,6 +121,9 @@ class MergeJob(BaseModel):
         """The options that change what is written (not --force, not where it goes)."""
         options = self.model_dump(mode="json", include={"dtype", "max_shard_size", "verify", "quantize", "strict",
                                                         "allow_base_mismatch", "max_logit_diff", "max_kl", "min_top1"})
+        for spec in options["quantize"]:  # options added later enter only when set: earlier outputs stay done
+            if spec.get("block") is None:
+                spec.pop("block", None)
         if self.keep_quantization:  # only when set: outputs made before the option existed stay done
             options["keep_quantization"] = True
         if self.labels:

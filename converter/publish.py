@@ -71,13 +71,19 @@ def copy_non_weight_files(base_dir: Path, adapter_dirs: list[Path], out_dir: Pat
     """The base's companions (``copy_companions``), then the tokenizer files the adapters ship, which win (in a
     stack, the last adapter's that ships one); returns the relative paths copied."""
     kept = copy_companions(base_dir, out_dir)
-    shipping = [d for d in adapter_dirs if any((d / name).is_file() for name in TOKENIZER_FILES)]
-    for name in TOKENIZER_FILES if shipping else ():
-        if (shipping[-1] / name).is_file():
-            shutil.copy2(shipping[-1] / name, out_dir / name)
+    source = tokenizer_source(base_dir, adapter_dirs)
+    for name in TOKENIZER_FILES if source != base_dir else ():
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
             if name not in kept:
                 kept.append(name)
     return kept
+
+
+def tokenizer_source(base_dir: Path, adapter_dirs: list[Path]) -> Path:
+    """Where the output's tokenizer files come from: the last adapter that ships any, else the base."""
+    shipping = [d for d in adapter_dirs if any((d / name).is_file() for name in TOKENIZER_FILES)]
+    return shipping[-1] if shipping else base_dir
 
 
 QUANTIZATION_KEYS = ("quantization_config", "compression_config")
@@ -138,15 +144,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish_job(receipt: Receipt, partial: Path, out: Path, variants: list[tuple[Variant, Path, str]]) -> None:
+def publish_job(receipt: Receipt, partial: Path, out: Path,
+                variants: list[tuple[Variant, Path, tuple[str, str]]]) -> None:
     """Cards and receipts written, each variant then the merged output renamed into place: the merged
-    output's receipt, last, is the one "done" marker of the job. ``variants``: (record, directory, card tag).
-    A variant never outlives a job that fails here."""
+    output's receipt, last, is the one "done" marker of the job. ``variants``: (record, directory, (card tag,
+    what loading it needs)). A variant never outlives a job that fails here."""
     published: list[Path] = []
     try:
         write_card_and_receipt(partial, model_card(receipt), receipt)
-        for variant, vdir, tag in variants:
-            write_card_and_receipt(partial_dir(vdir), variant_card(receipt, variant, out.name, tag),
+        for variant, vdir, (tag, loads_with) in variants:
+            write_card_and_receipt(partial_dir(vdir), variant_card(receipt, variant, out.name, tag, loads_with),
                                    receipt.for_variant(variant, out))
             swap_in(partial_dir(vdir), vdir)
             published.append(vdir)

@@ -128,7 +128,8 @@ class Variant(_Part):
     thresholds: dict
     passed: bool = True
     note: str | None = None
-    bitsandbytes: str
+    library: str | None = None  # what wrote it, with its version ("compressed-tensors 0.20.0")
+    bitsandbytes: str | None = None  # bitsandbytes' version, for its methods
     timings: dict[str, float] = Field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
 
@@ -286,13 +287,15 @@ def _format_line(fmt: BaseFormat | None) -> str:
     return line + ("" if fmt.output == "kept" else "; this checkpoint is dense")
 
 
-def variant_card(receipt: Receipt, variant: Variant, merged_name: str, tag: str) -> str:
-    """The README.md of a quantized variant: a quantized derivative of the merged checkpoint, with its figures."""
+def variant_card(receipt: Receipt, variant: Variant, merged_name: str, tag: str, loads_with: str) -> str:
+    """The README.md of a quantized variant: a quantized derivative of the merged checkpoint, with its figures
+    (``loads_with``: what ``from_pretrained`` needs, and who serves it)."""
+    library = (variant.library or f"bitsandbytes {variant.bitsandbytes}").split()[0]
     lines = ["---", f"base_model: {merged_name}", "base_model_relation: quantized", "library_name: transformers",
-             "tags:", "- merged-adapter", "- bitsandbytes", f"- {tag}", "---", "",
+             "tags:", "- merged-adapter", f"- {library}", f"- {tag}", "---", "",
              f"# {receipt.job_id} ({variant.method})", "",
-             f"This checkpoint is `{merged_name}` (an adapter merged into its base) quantized with bitsandbytes "
-             f"`{variant.spec}`. It loads with `from_pretrained` (bitsandbytes installed); `config.json` holds its "
+             f"This checkpoint is `{merged_name}` (an adapter merged into its base) quantized with {library} "
+             f"`{variant.spec}`. It loads with `from_pretrained` ({loads_with}); `config.json` holds its "
              "`quantization_config`.", "",
              f"- written by: {variant.engine} engine; {variant.tensors.get('quantized')} linear weights quantized",
              f"- size of the weights: {variant.size_bytes / 2**20:.1f} MiB, {variant.size_ratio:.2f}× the merged "

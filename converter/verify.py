@@ -378,8 +378,10 @@ FP8_CONFIG_KEYS = ("activation_scheme", "weight_block_size", "scale_fmt", "modul
 # A quantized variant: reloaded from disk, against the merged model, on the same probe inputs.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def variant_figures(model_cls, merged_dir: Path, variant: Path, trust_remote_code: bool = False) -> Figures:
-    """The variant's outputs against the merged model's, both loaded from disk in their own dtype."""
+def variant_figures(model_cls, merged_dir: Path, variant: Path, trust_remote_code: bool = False,
+                    load_kw: dict | None = None) -> Figures:
+    """The variant's outputs against the merged model's, both loaded from disk in their own dtype (``load_kw``: what
+    loading the variant takes besides, e.g. its ``gguf_file``)."""
     # Both in the checkpoint's own dtype, as they would be served: what serving the variant instead costs. (A bnb
     # checkpoint loaded in another dtype can come out with mixed dtypes: GPT-2's LayerNorms stay bfloat16.)
     kw = dict(dtype="auto", trust_remote_code=trust_remote_code)
@@ -390,7 +392,7 @@ def variant_figures(model_cls, merged_dir: Path, variant: Path, trust_remote_cod
         ref, is_logits = model_outputs(merged, inputs)
         del merged
         gc.collect()
-        model = model_cls.from_pretrained(variant, **kw).eval()  # a fresh load: judge the files, not a live layer
+        model = model_cls.from_pretrained(variant, **kw, **(load_kw or {})).eval()  # judge the files, not live layers
         device = next(model.parameters()).device
         got, _ = model_outputs(model, {k: v.to(device) for k, v in inputs.items()})
         del model
