@@ -506,6 +506,13 @@ def ensure_synthetic(preset: str, data_dir: Path) -> dict:
     return json.loads(info.read_text())
 
 
+def ensure_tokenizer(preset: str, data_dir: Path) -> None:
+    """Synthetic files made before the bases shipped a tokenizer get one (the GGUF exports need it)."""
+    if not (data_dir / "base" / "tokenizer.json").is_file():
+        subprocess.run([sys.executable, str(HERE / "make_synthetic.py"), "--preset", preset, "--out", str(data_dir),
+                        "--add-tokenizer"], check=True, cwd=REPO)
+
+
 def machine_info() -> dict:
     info = dict(platform=platform.platform(), python=platform.python_version(), cpus=os.cpu_count(),
                 mem_total_gb=round(psutil.virtual_memory().total / 1e9, 1),
@@ -559,6 +566,8 @@ def main(argv=None) -> int:
     data_dir = args.workdir / args.preset
     syn = ensure_synthetic(args.preset, data_dir)
     base, adapter = Path(syn["base"]), Path(syn["adapter"])
+    if any(m.startswith("export-gguf") for m in methods):
+        ensure_tokenizer(args.preset, data_dir)
     adapters = (make_synthetic.extra_adapters(data_dir, args.adapters)
                 if any(m in PASS_METHODS for m in methods) else [adapter])
     stack = make_synthetic.extra_adapters(data_dir, args.stack) if any(m in STACK_METHODS for m in methods) else []

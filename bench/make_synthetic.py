@@ -225,6 +225,7 @@ def generate_llama(preset: str, out: Path, seed: int, quiet: bool) -> dict:
 
     cfg = llama_config(preset)
     cfg.to_json_file(base_dir / "config.json")
+    write_tokenizer(base_dir)
     specs = base_tensor_specs(cfg)
     n_params = sum(math.prod(s) for _, s in specs)
     dtype = torch.bfloat16
@@ -285,6 +286,29 @@ def generate_llama(preset: str, out: Path, seed: int, quiet: bool) -> dict:
               f"{len(shards)} shard(s), adapter {info['adapter_params'] / 1e6:.1f}M params, "
               f"{info['generate_s']:.1f}s", flush=True)
     return info
+
+
+def write_tokenizer(base_dir: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained here on a little text, saved as a model repository ships
+    it (tokenizer.json, tokenizer_config.json): the GGUF exports need one. It has fewer tokens than the synthetic
+    models have embedding rows; the rest are padding rows, as in many real checkpoints."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    words = "the merged model writes each tensor once while adapters change weights in rank space".split()
+    text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(200)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    tok.save(str(base_dir / "tokenizer.json"))
+    (base_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "model_max_length": 4096}, indent=2) + "\n")
 
 
 def _write_base(base_dir: Path, specs, shard_max: int, make_tensor, quiet: bool, t0: float) -> int:
@@ -524,8 +548,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="regenerate even if present")
     ap.add_argument("--check", action="store_true", help="load with transformers+PEFT afterwards")
+    ap.add_argument("--add-tokenizer", action="store_true", help="give an existing base a tokenizer (GGUF exports)")
     args = ap.parse_args(argv)
     out = args.out or Path("/tmp/converter-bench") / args.preset
+    if args.add_tokenizer:
+        write_tokenizer(out / "base")
+        return 0
     generate(args.preset, out, seed=args.seed, force=args.force)
     if args.check:
         check_with_peft(out)

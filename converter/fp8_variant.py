@@ -29,7 +29,7 @@ def quantize_fp8(weight: torch.Tensor, block: int | None) -> dict[str, torch.Ten
     from compressed_tensors.quantization.utils import calculate_qparams
 
     s = scheme(block)
-    lo, hi = _ranges(weight.float(), block)
+    lo, hi = _ranges(weight, block)  # in the weight's dtype, as llm-compressor's observers take them
     scale, _ = calculate_qparams(lo, hi, s.weights)
     return dict(FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale.to(weight.dtype)}, s))
 

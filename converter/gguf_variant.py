@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType, TokenType
 
 from converter.checkpoint import Checkpoint, read_json_object
 from converter.errors import BadInputError, MergeError, write_failure
+from converter.writer import start_writeback
 
 # Method suffix (``--quantize gguf-q8_0``) -> tensor type. Only types gguf.quants can quantize, that llama.cpp
 # runs for any model and that transformers' GGUF loader reads back (tests/test_gguf_variant.py checks each).
@@ -131,8 +132,16 @@ def storage_type(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQua
     return qtype if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0 else F16
 
 
+# Plain float types: torch rounds to them as numpy (and gguf.quants) does, to nearest even, on every core
+TORCH_FLOATS = {F32: torch.float32, F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
+
+
 def encode(values: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The tensor's bytes in the file: float32 values quantized by gguf's own ``quantize``."""
+    """The tensor's bytes in the file: cast for a plain float type, else quantized by gguf's own ``quantize``."""
+    if qtype in TORCH_FLOATS:
+        flat = values.to(TORCH_FLOATS[qtype]).contiguous()
+        return flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy().view(
+            np.float16 if qtype == F16 else np.uint16 if flat.element_size() == 2 else np.float32)
     return gguf.quants.quantize(values.to(torch.float32).contiguous().numpy(), qtype)
 
 
@@ -455,12 +464,12 @@ def plan_tensors(ckpt: Checkpoint, config: dict, family: Family, qtype: GGMLQuan
 
 
 def tensor_values(job: TensorJob, ckpt: Checkpoint) -> torch.Tensor:
-    """The tensor as llama.cpp wants it, in float32: read, rope rows permuted, offset added."""
+    """The tensor as llama.cpp wants it: read, rope rows permuted, offset added (in float32; else in its own dtype,
+    which ``encode`` casts once)."""
     w = job.value if job.source is None else ckpt.get(job.source)
-    w = w.to(torch.float32)
     if job.heads is not None:
         w = permute_rope(w, job.heads)
-    return w + job.offset if job.offset else w
+    return w.to(torch.float32) + job.offset if job.offset else w
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -556,6 +565,7 @@ def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out
             if data.nbytes != job.nbytes:  # the plan and gguf disagree on the type's layout: a bug of ours
                 raise MergeError(f"{job.name}: gguf wrote {data.nbytes} bytes where {job.nbytes} were planned")
             writer.write_tensor_data(data)
+            start_writeback(writer.fout[0], data.nbytes)
         writer.close()
     except BaseException as exc:
         writer.close()

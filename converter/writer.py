@@ -251,6 +251,16 @@ class ShardedWriter:
 _ENTRY_BOUND = 160
 
 
+def start_writeback(file, nbytes: int) -> None:
+    """Start writing the last ``nbytes`` written to the (buffered) ``file`` to disk now, without waiting: a big
+    file written in one go otherwise piles up dirty pages until the kernel throttles the writer."""
+    if _START_WRITEBACK is None:
+        return
+    file.flush()
+    end = file.tell()
+    _START_WRITEBACK(file.fileno(), end - nbytes, nbytes, SYNC_FILE_RANGE_WRITE)  # asynchronous; errors at fsync
+
+
 class AppendingShard:
     """A safetensors file written tensor after tensor, when sizes are known only as each tensor comes
     (quantized variants); ``names`` bounds the header, whose space is reserved up front."""
@@ -276,6 +286,7 @@ class AppendingShard:
         self.offset += nbytes
         try:
             self.file.write(memoryview(data))
+            start_writeback(self.file, nbytes)
         except OSError as exc:
             raise _io_error(self.path, exc) from None
 
