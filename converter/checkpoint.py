@@ -163,6 +163,20 @@ def read_into(spec: TensorSpec, offset: int, buf: torch.Tensor) -> None:
             done += n
 
 
+def row_bands(spec: TensorSpec, band_bytes: int, multiple: int = 1):
+    """The tensor's rows read a band at a time, each band about ``band_bytes`` (a whole number of ``multiple`` rows),
+    into a fresh CPU tensor: a big tensor is never whole in memory."""
+    rows = spec.shape[0] if spec.shape else 1
+    row_bytes = (spec.end - spec.start) // max(rows, 1)
+    step = max(multiple, band_bytes // max(row_bytes, 1) // multiple * multiple)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out = torch.empty((r1 - r0, *spec.shape[1:]) if spec.shape else (), dtype=spec.dtype)
+        if out.numel():
+            read_into(spec, spec.start + r0 * row_bytes, out.reshape(-1).view(torch.uint8))
+        yield out
+
+
 def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors: a pickle that would run code is refused."""
     try:  # files in torch's zip format are mapped, not read; the legacy format cannot be

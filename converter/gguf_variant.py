@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, TokenType
 
-from converter.checkpoint import Checkpoint, read_json_object
+from converter.checkpoint import Checkpoint, read_into, read_json_object
 from converter.errors import BadInputError, MergeError, write_failure
 from converter.writer import start_writeback
 
@@ -42,6 +45,7 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
 }
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
+CHUNK_BYTES = 64 << 20  # a tensor is read, converted and written in chunks of about this many bytes of rows
 SKIPPED = (".rotary_emb.inv_freq",)  # buffers some old checkpoints store; llama.cpp computes them
 HPARAMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
            "rms_norm_eps")  # config.json numbers every family's GGUF needs
@@ -136,13 +140,18 @@ def storage_type(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQua
 TORCH_FLOATS = {F32: torch.float32, F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
 
 
-def encode(values: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
-    """The tensor's bytes in the file: cast for a plain float type, else quantized by gguf's own ``quantize``."""
+def encode(values: torch.Tensor, qtype: GGMLQuantizationType, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """The tensor's bytes in the file: cast for a plain float type, else quantized by gguf's own ``quantize`` (on
+    ``pool``'s threads, a band of rows each: blocks never span rows, so the bytes are the same)."""
     if qtype in TORCH_FLOATS:
         flat = values.to(TORCH_FLOATS[qtype]).contiguous()
         return flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy().view(
             np.float16 if qtype == F16 else np.uint16 if flat.element_size() == 2 else np.float32)
-    return gguf.quants.quantize(values.to(torch.float32).contiguous().numpy(), qtype)
+    data = values.to(torch.float32).contiguous().numpy()
+    if pool is None or data.ndim < 2 or data.shape[0] < 2 * pool._max_workers:
+        return gguf.quants.quantize(data, qtype)
+    bands = np.array_split(data, pool._max_workers)
+    return np.concatenate(list(pool.map(lambda band: gguf.quants.quantize(band, qtype), bands)))
 
 
 def llama3_freq_factors(params: dict, dim: int, old: float) -> torch.Tensor:
@@ -554,18 +563,66 @@ def write_gguf(merged_dir: Path, out_file: Path, qtype: str, tokenizer_dir: Path
     return {"quantized": quantized, "kept": len(jobs) - quantized}
 
 
+@dataclass
+class RowStream:
+    """A tensor's bytes made and written band of rows by band of rows, never whole: what GGUFWriter's
+    ``write_tensor_data`` takes of an array (its ``nbytes``, and ``tofile``)."""
+
+    job: TensorJob
+    ckpt: Checkpoint
+    pool: ThreadPoolExecutor
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor's bytes in the file."""
+        return self.job.nbytes
+
+    def bands(self) -> Iterator[np.ndarray]:
+        """The file's bytes of each band of rows, read from the checkpoint into one reused buffer."""
+        spec = self.ckpt.specs[self.job.source]
+        rows, cols = spec.shape
+        step = max(1, CHUNK_BYTES // (cols * spec.dtype.itemsize))
+        buf = torch.empty(min(step, rows) * cols, dtype=spec.dtype)
+        for r0 in range(0, rows, step):
+            band = buf[: (min(rows, r0 + step) - r0) * cols].view(-1, cols)
+            read_into(spec, spec.start + r0 * cols * spec.dtype.itemsize, band.view(-1).view(torch.uint8))
+            yield encode(band, self.job.qtype, self.pool)
+
+    def tofile(self, fout) -> None:
+        """Write every band, starting each one's writeback as it goes."""
+        written = 0
+        for data in self.bands():
+            fout.write(memoryview(data).cast("B"))
+            start_writeback(fout, data.nbytes)
+            written += data.nbytes
+        if written != self.nbytes:  # the plan and gguf disagree on the type's layout: a bug of ours
+            raise MergeError(f"{self.job.name}: gguf wrote {written} bytes where {self.nbytes} were planned")
+
+
+def streams_by_rows(job: TensorJob, ckpt: Checkpoint) -> bool:
+    """Whether a tensor can be converted band by band: a stored 2-D tensor whose rows stay as they are."""
+    spec = ckpt.specs.get(job.source) if job.source is not None else None
+    return (spec is not None and spec.start is not None and len(spec.shape) == 2 and job.heads is None
+            and not job.offset)
+
+
 def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out_file: Path) -> None:
-    """Header, metadata and tensor infos, then each tensor as it is read; a failed write leaves no file."""
+    """Header, metadata and tensor infos, then each tensor as it is read (a big one band of rows at a time); a
+    failed write leaves no file."""
     try:
         writer.write_header_to_file(out_file)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for job in jobs:
-            data = encode(tensor_values(job, ckpt), job.qtype)
-            if data.nbytes != job.nbytes:  # the plan and gguf disagree on the type's layout: a bug of ours
-                raise MergeError(f"{job.name}: gguf wrote {data.nbytes} bytes where {job.nbytes} were planned")
-            writer.write_tensor_data(data)
-            start_writeback(writer.fout[0], data.nbytes)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for job in jobs:
+                if streams_by_rows(job, ckpt):
+                    writer.write_tensor_data(RowStream(job, ckpt, pool))
+                    continue
+                data = encode(tensor_values(job, ckpt), job.qtype, pool)
+                if data.nbytes != job.nbytes:  # the plan and gguf disagree on the type's layout: a bug of ours
+                    raise MergeError(f"{job.name}: gguf wrote {data.nbytes} bytes where {job.nbytes} were planned")
+                writer.write_tensor_data(data)
+                start_writeback(writer.fout[0], data.nbytes)
         writer.close()
     except BaseException as exc:
         writer.close()

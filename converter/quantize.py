@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from converter import publish
-from converter.checkpoint import Checkpoint
+from converter.checkpoint import Checkpoint, row_bands
 from converter.errors import BadInputError, MergeError, VerificationError
 from converter.receipt import Variant
 from converter.resources import peak_rss_bytes, reset_peak_rss, resolve_device
@@ -169,6 +169,7 @@ class Method:
     # returns the tensor counts; None: safetensors shards, one quantized weight at a time (write_streaming)
     write_file: Callable[["QuantSpec", Path, Path], dict] | None = None
     takes_skip: bool = True
+    by_rows: bool = False  # rows (or blocks of rows: ``block``) quantize on their own: a weight is done band by band
 
 
 # Defaults are transformers' BitsAndBytesConfig defaults, so `bnb-nf4` is BitsAndBytesConfig(load_in_4bit=True,
@@ -188,7 +189,7 @@ METHODS: dict[str, Method] = {
                       _4bit_names, tag="fp4", quant_type="fp4"),
     "fp8": Method({"block": None}, {"max_kl": 0.02, "min_top1": 0.8}, quantize_fp8, _fp8_config, _fp8_size,
                   _fp8_names, tag="fp8", package="compressed_tensors", library="compressed-tensors", conv1d=False,
-                  loads_with="compressed-tensors installed; vLLM and SGLang serve it", extra="export"),
+                  loads_with="compressed-tensors installed; vLLM and SGLang serve it", extra="export", by_rows=True),
 }
 # GGUF: one file for llama.cpp, Ollama and LM Studio (transformers loads it with gguf_file=), in each tensor type of
 # gguf_variant.GGUF_TYPES (kept equal by a test; gguf is only imported when a variant is made). f16 and bf16 keep the
@@ -440,7 +441,7 @@ def write_streaming(spec: QuantSpec, plan: VariantPlan, merged: Checkpoint, out_
         shard = AppendingShard(out_dir / fname, names + [n for n in sources if n not in plan.quantized])
         try:
             for name in sources:
-                _write_one(shard, name, merged.get(name), spec, plan, dtype, device, counts)
+                _write_one(shard, name, merged, spec, plan, dtype, device, counts)
         finally:
             shard.close()
         total += shard.offset
@@ -450,17 +451,33 @@ def write_streaming(spec: QuantSpec, plan: VariantPlan, merged: Checkpoint, out_
     return counts
 
 
-def _write_one(shard: AppendingShard, name: str, tensor: torch.Tensor, spec: QuantSpec, plan: VariantPlan,
+BAND_BYTES = 64 << 20  # a tensor kept, or quantized by rows, is read and written in bands of about this size
+
+
+def _write_one(shard: AppendingShard, name: str, merged: Checkpoint, spec: QuantSpec, plan: VariantPlan,
                dtype: torch.dtype, device: torch.device, counts: dict) -> None:
-    if name not in plan.quantized:
-        shard.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    source = merged.specs[name]
+    if name not in plan.quantized:  # carried over, band by band
+        kept = dtype if source.dtype.is_floating_point else source.dtype
+        shard.write_bands(name, kept, source.shape, (b.to(kept) for b in row_bands(source, BAND_BYTES)))
         counts["kept"] += 1
         return
-    w = tensor.to(device=device, dtype=dtype)
-    out = METHODS[spec.method].quantize(w.T if plan.quantized[name] else w, spec)  # Conv1D is stored (in, out)
-    prefix = name.removesuffix(".weight")
-    for k, v in out.items():
-        shard.write(f"{prefix}.{k}", v)
+    method, prefix = METHODS[spec.method], name.removesuffix(".weight")
+    if method.by_rows:  # fp8: codes band by band, the bands' scales after them
+        scales = []
+
+        def codes():
+            for band in row_bands(source, BAND_BYTES, spec.block or 1):
+                out = method.quantize(band.to(device=device, dtype=dtype), spec)
+                scales.append(out["weight_scale"].cpu())
+                yield out["weight"]
+
+        shard.write_bands(f"{prefix}.weight", torch.float8_e4m3fn, source.shape, codes())
+        shard.write(f"{prefix}.weight_scale", torch.cat(scales))
+    else:  # bitsandbytes: the whole weight (4-bit blocks run across rows; Conv1D is stored (in, out))
+        w = merged.get(name).to(device=device, dtype=dtype)
+        for k, v in method.quantize(w.T if plan.quantized[name] else w, spec).items():
+            shard.write(f"{prefix}.{k}", v)
     counts["quantized"] += 1
 
 

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import json
+import math
 import os
 import struct
 import threading
@@ -289,6 +290,21 @@ class AppendingShard:
             start_writeback(self.file, nbytes)
         except OSError as exc:
             raise _io_error(self.path, exc) from None
+
+    def write_bands(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], bands) -> None:
+        """Append a tensor given band of rows by band of rows (``bands``: CPU or device tensors, in order)."""
+        begin = self.offset
+        for band in bands:
+            data = band.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            try:
+                self.file.write(memoryview(data))
+                start_writeback(self.file, data.nbytes)
+            except OSError as exc:
+                raise _io_error(self.path, exc) from None
+            self.offset += data.nbytes
+        if self.offset - begin != math.prod(shape) * dtype.itemsize:
+            raise MergeError(f"internal: {name} got {self.offset - begin} bytes for shape {tuple(shape)} {dtype}")
+        self.entries[name] = _entry(dtype, shape, begin, self.offset)
 
     def close(self) -> None:
         """Write the header into its reserved space, fsync and close."""

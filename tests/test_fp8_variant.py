@@ -123,3 +123,19 @@ def test_fp8_without_compressed_tensors_is_refused(pair, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "needs the compressed-tensors package" in err and "converter[export]" in err
     assert not (pair / "nopkg").exists()
+
+
+@pytest.mark.parametrize("spec", ["fp8", "fp8:block=64"])
+def test_fp8_band_by_band_equals_whole(pair, spec, monkeypatch):
+    """Weights quantized (and kept tensors copied) a band of rows at a time give the same files as whole."""
+    from converter import quantize
+
+    tag = spec.replace(":", "-").replace("=", "")
+    assert merge(pair, f"whole-{tag}", "--quantize", spec, "--verify", "none") == 0
+    monkeypatch.setattr(quantize, "BAND_BYTES", 1)  # one row (or one block of rows) a band
+    assert merge(pair, f"bands-{tag}", "--quantize", spec, "--verify", "none") == 0
+    whole, bands = read_output(pair / f"whole-{tag}-fp8"), read_output(pair / f"bands-{tag}-fp8")
+    assert whole.keys() == bands.keys()
+    assert all(torch.equal(whole[k].view(torch.uint8) if whole[k].dtype == torch.float8_e4m3fn else whole[k],
+                           bands[k].view(torch.uint8) if bands[k].dtype == torch.float8_e4m3fn else bands[k])
+               for k in whole)
