@@ -92,3 +92,13 @@ def test_gguf_without_a_tokenizer_is_refused(pair, tmp_path, capsys):
                          "--quantize", "gguf-f16") == 2
     assert "--quantize gguf-f16" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_without_the_gguf_package_is_refused(pair, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    assert merge(pair, "nopkg", "--quantize", "gguf-q8_0") == 2
+    err = capsys.readouterr().err
+    assert "needs the gguf package" in err and "converter[export]" in err
+    assert not (pair / "nopkg").exists()
