@@ -124,6 +124,31 @@ def _write_gguf(spec: "QuantSpec", merged_dir: Path, out_dir: Path) -> dict:
     return gguf_variant.write_gguf(merged_dir, out_dir / gguf_file_name(spec), spec.method.removeprefix("gguf-"))
 
 
+def _gguf_check(spec: "QuantSpec", info, tokenizer_dir: Path) -> None:
+    """A model or tokenizer the GGUF exporter cannot express."""
+    from converter import gguf_variant
+
+    reason = gguf_variant.unsupported(info.config, tokenizer_dir)
+    if reason:
+        raise BadInputError(f"--quantize {spec.method}: {reason}", hint=f"drop --quantize {spec.method} for this model")
+
+
+def _by_module_name_check(spec: "QuantSpec", info, tokenizer_dir: Path) -> None:
+    """A method written by module name alone (no transformers path): a model without plain linear layers, or whose
+    checkpoint keys transformers converts, cannot have it."""
+    linear = [f"{name}.weight" for name, kind in info.module_types.items()
+              if kind == "Linear" and f"{name}.weight" != info.output_embedding]  # lm_head stays as it is
+    renamed = sorted(info.converted) + [k for k in linear if info.model_to_ckpt.get(k, k) != k]
+    if not linear:
+        raise BadInputError(f"--quantize {spec.method}: this model has no nn.Linear layers to quantize (GPT-2's "
+                            "Conv1D layers are not in the format)", hint=f"drop --quantize {spec.method} for this "
+                            "model, or use a bitsandbytes method")
+    if renamed:
+        raise BadInputError(f"--quantize {spec.method}: the variant is written from the merged checkpoint by module "
+                            f"name, and transformers converts this model's checkpoint keys ({renamed[0]})",
+                            hint=f"drop --quantize {spec.method} for this model, or use a bitsandbytes method")
+
+
 def _fp8_names(spec: "QuantSpec") -> list[str]:
     return ["weight", "weight_scale"]
 
@@ -169,6 +194,7 @@ class Method:
     # returns the tensor counts; None: safetensors shards, one quantized weight at a time (write_streaming)
     write_file: Callable[["QuantSpec", Path, Path], dict] | None = None
     takes_skip: bool = True
+    check: Callable[["QuantSpec", object, Path], None] | None = None  # what it cannot express of a model: refused
     by_rows: bool = False  # rows (or blocks of rows: ``block``) quantize on their own: a weight is done band by band
 
 
@@ -189,7 +215,8 @@ METHODS: dict[str, Method] = {
                       _4bit_names, tag="fp4", quant_type="fp4"),
     "fp8": Method({"block": None}, {"max_kl": 0.02, "min_top1": 0.8}, quantize_fp8, _fp8_config, _fp8_size,
                   _fp8_names, tag="fp8", package="compressed_tensors", library="compressed-tensors", conv1d=False,
-                  loads_with="compressed-tensors installed; vLLM and SGLang serve it", extra="export", by_rows=True),
+                  loads_with="compressed-tensors installed; vLLM and SGLang serve it", extra="export", by_rows=True,
+                  check=_by_module_name_check),
 }
 # GGUF: one file for llama.cpp, Ollama and LM Studio (transformers loads it with gguf_file=), in each tensor type of
 # gguf_variant.GGUF_TYPES (kept equal by a test; gguf is only imported when a variant is made). f16 and bf16 keep the
@@ -201,7 +228,7 @@ GGUF_THRESHOLDS = {"f16": {"max_kl": 1e-3, "min_top1": 0.95}, "bf16": {"max_kl":
 METHODS.update({f"gguf-{t}": Method({}, thresholds, None, _gguf_config, None, None, tag=f"gguf-{t}", package="gguf",
                                     library="gguf", conv1d=False, loads_with="llama.cpp, Ollama and LM Studio load "
                                     "the .gguf file; transformers with gguf_file=", extra="export",
-                                    write_file=_write_gguf, takes_skip=False)
+                                    write_file=_write_gguf, takes_skip=False, check=_gguf_check)
                 for t, thresholds in GGUF_THRESHOLDS.items()})
 
 
@@ -320,31 +347,11 @@ def check_available(specs) -> None:
 
 def check_layout(specs, info, tokenizer_dir: Path) -> None:
     """Bad input, before any work (``info``: modelinfo.ModelInfo; ``tokenizer_dir``: where the output's tokenizer
-    comes from): a model or tokenizer the GGUF exporter cannot express; a method written by module name alone (no
-    transformers path) asked of a model without plain linear layers, or whose checkpoint keys transformers
-    converts."""
+    comes from): what each requested method cannot express of this model."""
     for spec in specs:
-        library = METHODS[spec.method].library
-        if library == "gguf":
-            from converter import gguf_variant
-
-            reason = gguf_variant.unsupported(info.config, tokenizer_dir)
-            if reason:
-                raise BadInputError(f"--quantize {spec.method}: {reason}", hint=f"drop --quantize {spec.method} for "
-                                    "this model")
-        if library != "compressed-tensors":
-            continue
-        linear = [f"{name}.weight" for name, kind in info.module_types.items()
-                  if kind == "Linear" and f"{name}.weight" != info.output_embedding]  # lm_head stays as it is
-        renamed = sorted(info.converted) + [k for k in linear if info.model_to_ckpt.get(k, k) != k]
-        if not linear:
-            raise BadInputError(f"--quantize {spec.method}: this model has no nn.Linear layers to quantize "
-                                "(GPT-2's Conv1D layers are not in the format)", hint="drop --quantize "
-                                f"{spec.method} for this model, or use a bitsandbytes method")
-        if renamed:
-            raise BadInputError(f"--quantize {spec.method}: the variant is written from the merged checkpoint by "
-                                f"module name, and transformers converts this model's checkpoint keys ({renamed[0]})",
-                                hint=f"drop --quantize {spec.method} for this model, or use a bitsandbytes method")
+        check = METHODS[spec.method].check
+        if check is not None:
+            check(spec, info, tokenizer_dir)
 
 
 def card_words(spec: QuantSpec) -> tuple[str, str]:
@@ -486,7 +493,7 @@ def write_with_transformers(spec: QuantSpec, plan: VariantPlan, model_cls, merge
     """The fallback: transformers loads the whole merged model quantized and saves it (no forward before the save)."""
     from transformers import BitsAndBytesConfig
 
-    if METHODS[spec.method].library != "bitsandbytes":  # refused before any work (quantize.check_layout)
+    if METHODS[spec.method].library != "bitsandbytes":  # refused before any work (_by_module_name_check)
         raise MergeError(f"--quantize {spec.method}: {plan.fallback}, and only bitsandbytes variants can be written "
                          "through transformers")
     qc = BitsAndBytesConfig.from_dict(quantization_config(spec, plan))
