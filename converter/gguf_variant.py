@@ -140,9 +140,28 @@ def storage_type(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQua
 TORCH_FLOATS = {F32: torch.float32, F16: torch.float16, GGMLQuantizationType.BF16: torch.bfloat16}
 
 
-def encode(values: torch.Tensor, qtype: GGMLQuantizationType, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """The tensor's bytes in the file: cast for a plain float type, else quantized by gguf's own ``quantize`` (on
-    ``pool``'s threads, a band of rows each: blocks never span rows, so the bytes are the same)."""
+def q8_0(values: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks of each row (a float16 scale, then 32 int8 values) as bytes: gguf's ``Q8_0.quantize_blocks`` (the
+    reference of ggml-quants.c) operation for operation in torch, to run where the values are (a GPU); the tests
+    check its bytes against gguf's own."""
+    blocks = values.to(torch.float32).reshape(-1, 32)
+    peak = blocks.abs().amax(dim=1, keepdim=True)
+    d = peak / torch.full_like(peak, 127)  # a true division: by a Python number, CUDA multiplies by 1/127
+    scaled = blocks * torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    magnitude = scaled.abs()
+    floored = magnitude.floor()
+    q = torch.sign(scaled) * (floored + (2 * (magnitude - floored)).floor())  # gguf's np_roundf: half away from 0
+    out = torch.cat([d.to(torch.float16).view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
+    return out.reshape(*values.shape[:-1], -1)
+
+
+def encode(values: torch.Tensor, qtype: GGMLQuantizationType, pool: ThreadPoolExecutor | None = None,
+           device: torch.device | None = None) -> np.ndarray:
+    """The tensor's bytes in the file: cast for a plain float type; Q8_0 on a CUDA ``device`` by ``q8_0``; else
+    quantized by gguf's own ``quantize`` (on ``pool``'s threads, a band of rows each: blocks never span rows, so the
+    bytes are the same)."""
+    if qtype == GGMLQuantizationType.Q8_0 and device is not None and device.type == "cuda":
+        return q8_0(values.to(device)).cpu().numpy()
     if qtype in TORCH_FLOATS:
         flat = values.to(TORCH_FLOATS[qtype]).contiguous()
         return flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy().view(
@@ -530,10 +549,12 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab, tokenizer_dir: Path) -> Non
 # The entry point.
 # ---------------------------------------------------------------------------------------------------------------------
 
-def write_gguf(merged_dir: Path, out_file: Path, qtype: str, tokenizer_dir: Path | None = None) -> dict[str, int]:
+def write_gguf(merged_dir: Path, out_file: Path, qtype: str, tokenizer_dir: Path | None = None,
+               device: torch.device | None = None) -> dict[str, int]:
     """Write the merged checkpoint in ``merged_dir`` as one GGUF file ``out_file`` with tensors in ``qtype`` (a key
-    of GGUF_TYPES), the tokenizer from ``tokenizer_dir`` (default: ``merged_dir``). Returns {"quantized": n,
-    "kept": m}: tensors in ``qtype``, and tensors kept in F32/F16 because the type does not apply to them.
+    of GGUF_TYPES), the tokenizer from ``tokenizer_dir`` (default: ``merged_dir``); Q8_0 is computed on ``device``
+    when it is a GPU. Returns {"quantized": n, "kept": m}: tensors in ``qtype``, and tensors kept in F32/F16
+    because the type does not apply to them.
 
     Raises BadInputError (TokenizerTooLargeError among them) before anything is written, MergeError when writing
     fails; a partly written ``out_file`` is removed."""
@@ -556,7 +577,7 @@ def write_gguf(merged_dir: Path, out_file: Path, qtype: str, tokenizer_dir: Path
         add_vocab(writer, read_vocab(tokenizer_dir, rows, family), tokenizer_dir)
         for job in jobs:
             writer.add_tensor_info(job.name, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)
-        _write(writer, jobs, ckpt, out_file)
+        _write(writer, jobs, ckpt, out_file, device)
     finally:
         ckpt.close()
     quantized = sum(job.qtype == target for job in jobs)
@@ -571,6 +592,7 @@ class RowStream:
     job: TensorJob
     ckpt: Checkpoint
     pool: ThreadPoolExecutor
+    device: torch.device | None = None
 
     @property
     def nbytes(self) -> int:
@@ -586,7 +608,7 @@ class RowStream:
         for r0 in range(0, rows, step):
             band = buf[: (min(rows, r0 + step) - r0) * cols].view(-1, cols)
             read_into(spec, spec.start + r0 * cols * spec.dtype.itemsize, band.view(-1).view(torch.uint8))
-            yield encode(band, self.job.qtype, self.pool)
+            yield encode(band, self.job.qtype, self.pool, self.device)
 
     def tofile(self, fout) -> None:
         """Write every band, starting each one's writeback as it goes."""
@@ -606,7 +628,8 @@ def streams_by_rows(job: TensorJob, ckpt: Checkpoint) -> bool:
             and not job.offset)
 
 
-def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out_file: Path) -> None:
+def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out_file: Path,
+           device: torch.device | None = None) -> None:
     """Header, metadata and tensor infos, then each tensor as it is read (a big one band of rows at a time); a
     failed write leaves no file."""
     try:
@@ -616,9 +639,9 @@ def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for job in jobs:
                 if streams_by_rows(job, ckpt):
-                    writer.write_tensor_data(RowStream(job, ckpt, pool))
+                    writer.write_tensor_data(RowStream(job, ckpt, pool, device))
                     continue
-                data = encode(tensor_values(job, ckpt), job.qtype, pool)
+                data = encode(tensor_values(job, ckpt), job.qtype, pool, device)
                 if data.nbytes != job.nbytes:  # the plan and gguf disagree on the type's layout: a bug of ours
                     raise MergeError(f"{job.name}: gguf wrote {data.nbytes} bytes where {job.nbytes} were planned")
                 writer.write_tensor_data(data)

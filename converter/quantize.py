@@ -118,10 +118,11 @@ def _transformers_reads(config: dict) -> bool:
     return gguf_variant.transformers_reads(config)
 
 
-def _write_gguf(spec: "QuantSpec", merged_dir: Path, out_dir: Path) -> dict:
+def _write_gguf(spec: "QuantSpec", merged_dir: Path, out_dir: Path, device: torch.device) -> dict:
     from converter import gguf_variant
 
-    return gguf_variant.write_gguf(merged_dir, out_dir / gguf_file_name(spec), spec.method.removeprefix("gguf-"))
+    return gguf_variant.write_gguf(merged_dir, out_dir / gguf_file_name(spec), spec.method.removeprefix("gguf-"),
+                                   device=device)
 
 
 def _gguf_check(spec: "QuantSpec", info, tokenizer_dir: Path) -> None:
@@ -192,7 +193,7 @@ class Method:
     extra: str = "quantize"  # the converter extra that installs the library
     # a single-file format (GGUF): writes the whole variant from the merged directory into the variant's directory,
     # returns the tensor counts; None: safetensors shards, one quantized weight at a time (write_streaming)
-    write_file: Callable[["QuantSpec", Path, Path], dict] | None = None
+    write_file: Callable[["QuantSpec", Path, Path, torch.device], dict] | None = None
     takes_skip: bool = True
     check: Callable[["QuantSpec", object, Path], None] | None = None  # what it cannot express of a model: refused
     by_rows: bool = False  # rows (or blocks of rows: ``block``) quantize on their own: a weight is done band by band
@@ -594,7 +595,7 @@ def _write_variant(spec: QuantSpec, merged_dir: Path, out_dir: Path, model_cls, 
     write_file = METHODS[spec.method].write_file
     if write_file is not None:  # one file (GGUF), written from the merged directory tensor by tensor
         reset_peak_rss()
-        return VariantPlan({}, None, None), write_file(spec, merged_dir, out_dir), peak_rss_bytes()
+        return VariantPlan({}, None, None), write_file(spec, merged_dir, out_dir, device), peak_rss_bytes()
     merged = Checkpoint(merged_dir)
     plan = plan_variant(spec, merged_dir, model_cls, {k: s.shape for k, s in merged.specs.items()},
                         trust_remote_code)

@@ -372,3 +372,16 @@ def test_a_failed_write_leaves_no_file(models, monkeypatch):
     with pytest.raises(MergeError, match="no space left"):
         write_gguf(models["llama"], out, "q8_0")
     assert not out.exists()
+
+
+def test_q8_0_in_torch_is_ggufs_own():
+    """The torch Q8_0 (used on a GPU) gives gguf.quants' bytes: zero blocks, halves (rounded away from zero),
+    extremes, and random rows."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 256, generator=g) * torch.logspace(-3, 2, 64).view(-1, 1)
+    rows[0, :32] = 0  # a zero block: scale 0
+    rows[1, :32] = torch.arange(32) - 15.5  # halves: with 127 in the block the scale is 1
+    rows[1, 0] = 127.0
+    rows[2, :32] = torch.tensor([127.0, -127.0] * 16)
+    ours = gguf_variant.q8_0(rows).numpy()
+    assert ours.tobytes() == gguf.quants.quantize(rows.numpy(), gguf.GGMLQuantizationType.Q8_0).tobytes()
