@@ -163,12 +163,15 @@ def read_into(spec: TensorSpec, offset: int, buf: torch.Tensor) -> None:
             done += n
 
 
-def row_bands(spec: TensorSpec, band_bytes: int, multiple: int = 1):
-    """The tensor's rows read a band at a time, each band about ``band_bytes`` (a whole number of ``multiple`` rows),
+BAND_BYTES = 64 << 20  # variants read (and write) a big tensor in bands of rows of about this size
+
+
+def row_bands(spec: TensorSpec, multiple: int = 1):
+    """The tensor's rows read a band at a time, each band about BAND_BYTES (a whole number of ``multiple`` rows),
     into a fresh CPU tensor: a big tensor is never whole in memory."""
     rows = spec.shape[0] if spec.shape else 1
     row_bytes = (spec.end - spec.start) // max(rows, 1)
-    step = max(multiple, band_bytes // max(row_bytes, 1) // multiple * multiple)
+    step = max(multiple, BAND_BYTES // max(row_bytes, 1) // multiple * multiple)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         out = torch.empty((r1 - r0, *spec.shape[1:]) if spec.shape else (), dtype=spec.dtype)

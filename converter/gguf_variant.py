@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, TokenType
 
-from converter.checkpoint import Checkpoint, read_into, read_json_object
+from converter.checkpoint import Checkpoint, read_json_object, row_bands
 from converter.errors import BadInputError, MergeError, write_failure
 from converter.writer import start_writeback
 
@@ -45,7 +45,7 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
 }
 
 F32, F16 = GGMLQuantizationType.F32, GGMLQuantizationType.F16
-CHUNK_BYTES = 64 << 20  # a tensor is read, converted and written in chunks of about this many bytes of rows
+WORKERS = os.cpu_count() or 1  # gguf's quantize runs a band of rows on each
 SKIPPED = (".rotary_emb.inv_freq",)  # buffers some old checkpoints store; llama.cpp computes them
 HPARAMS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
            "rms_norm_eps")  # config.json numbers every family's GGUF needs
@@ -167,9 +167,9 @@ def encode(values: torch.Tensor, qtype: GGMLQuantizationType, pool: ThreadPoolEx
         return flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy().view(
             np.float16 if qtype == F16 else np.uint16 if flat.element_size() == 2 else np.float32)
     data = values.to(torch.float32).contiguous().numpy()
-    if pool is None or data.ndim < 2 or data.shape[0] < 2 * pool._max_workers:
+    if pool is None or data.ndim < 2 or data.shape[0] < 2 * WORKERS:
         return gguf.quants.quantize(data, qtype)
-    bands = np.array_split(data, pool._max_workers)
+    bands = np.array_split(data, WORKERS)
     return np.concatenate(list(pool.map(lambda band: gguf.quants.quantize(band, qtype), bands)))
 
 
@@ -600,14 +600,8 @@ class RowStream:
         return self.job.nbytes
 
     def bands(self) -> Iterator[np.ndarray]:
-        """The file's bytes of each band of rows, read from the checkpoint into one reused buffer."""
-        spec = self.ckpt.specs[self.job.source]
-        rows, cols = spec.shape
-        step = max(1, CHUNK_BYTES // (cols * spec.dtype.itemsize))
-        buf = torch.empty(min(step, rows) * cols, dtype=spec.dtype)
-        for r0 in range(0, rows, step):
-            band = buf[: (min(rows, r0 + step) - r0) * cols].view(-1, cols)
-            read_into(spec, spec.start + r0 * cols * spec.dtype.itemsize, band.view(-1).view(torch.uint8))
+        """The file's bytes of each band of rows (checkpoint.row_bands)."""
+        for band in row_bands(self.ckpt.specs[self.job.source]):
             yield encode(band, self.job.qtype, self.pool, self.device)
 
     def tofile(self, fout) -> None:
@@ -636,7 +630,7 @@ def _write(writer: gguf.GGUFWriter, jobs: list[TensorJob], ckpt: Checkpoint, out
         writer.write_header_to_file(out_file)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(WORKERS) as pool:
             for job in jobs:
                 if streams_by_rows(job, ckpt):
                     writer.write_tensor_data(RowStream(job, ckpt, pool, device))

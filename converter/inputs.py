@@ -39,10 +39,8 @@ class Inputs:
     fingerprint: str
     warnings: list[JobWarning]
     base_src: Resolved
-    adapter_src: Resolved
-    adapter_hashes: dict[str, str]  # sha256 of every adapter file
+    parts: list[Part]  # every adapter, in merge order (a stack: several)
     mismatch: str | None = None  # a base mismatch the job allowed (allow_base_mismatch)
-    parts: list[Part] = field(default_factory=list)  # every adapter, in merge order (a stack: several)
 
 
     @property
@@ -61,6 +59,11 @@ class Inputs:
         pad = {"pad_token_id": -1} if head.task_type == "SEQ_CLS" and self.info.config.get("pad_token_id") is None \
             else {}
         return {"num_labels": head.num_labels, **pad}
+
+    @property
+    def adapter_src(self) -> Resolved:
+        """Where the (first) adapter was resolved to."""
+        return self.parts[0].src
 
     @property
     def adapter_dirs(self) -> list[Path]:
@@ -124,8 +127,8 @@ def inspect_job(job: MergeJob, metadata_only: bool = False) -> Inputs:
     resolve_device(job.device)
     _check_quantize(job, info, publish.tokenizer_source(base_src.path, [p.src.path for p in parts]))
     return Inputs(adapter, base, info, plan, "peft" if engine_reason else "streaming", engine_reason,
-                  output_dtype(job.dtype, base), fingerprint(job, base_src, base, parts), warnings, base_src,
-                  parts[0].src, parts[0].hashes, mismatch if job.allow_base_mismatch else None, parts)
+                  output_dtype(job.dtype, base), fingerprint(job, base_src, base, parts), warnings, base_src, parts,
+                  mismatch if job.allow_base_mismatch else None)
 
 
 def open_adapters(job: MergeJob) -> tuple[list[Part], list[JobWarning]]:

@@ -459,15 +459,12 @@ def write_streaming(spec: QuantSpec, plan: VariantPlan, merged: Checkpoint, out_
     return counts
 
 
-BAND_BYTES = 64 << 20  # a tensor kept, or quantized by rows, is read and written in bands of about this size
-
-
 def _write_one(shard: AppendingShard, name: str, merged: Checkpoint, spec: QuantSpec, plan: VariantPlan,
                dtype: torch.dtype, device: torch.device, counts: dict) -> None:
     source = merged.specs[name]
-    if name not in plan.quantized:  # carried over, band by band
+    if name not in plan.quantized:  # carried over, band by band (checkpoint.row_bands)
         kept = dtype if source.dtype.is_floating_point else source.dtype
-        shard.write_bands(name, kept, source.shape, (b.to(kept) for b in row_bands(source, BAND_BYTES)))
+        shard.write_bands(name, kept, source.shape, (b.to(kept) for b in row_bands(source)))
         counts["kept"] += 1
         return
     method, prefix = METHODS[spec.method], name.removesuffix(".weight")
@@ -475,7 +472,7 @@ def _write_one(shard: AppendingShard, name: str, merged: Checkpoint, spec: Quant
         scales = []
 
         def codes():
-            for band in row_bands(source, BAND_BYTES, spec.block or 1):
+            for band in row_bands(source, spec.block or 1):
                 out = method.quantize(band.to(device=device, dtype=dtype), spec)
                 scales.append(out["weight_scale"].cpu())
                 yield out["weight"]

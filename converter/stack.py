@@ -53,10 +53,6 @@ class StackedTensors:
         name, _, factor = rest.rpartition(":")
         return self._mixed(name, factor)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        """A tensor's shape."""
-        return tuple(self.get(key).shape)
-
     def _mixed(self, name: str, factor: str) -> torch.Tensor:
         """PEFT's cat: A_i * weight_i * scaling_i stacked along the rank, B_i beside each other, zeros up to the
         mix's rank (the sum of every adapter's largest rank), stored in the dtype PEFT makes the mix in."""

@@ -280,16 +280,7 @@ class AppendingShard:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append a tensor after the previous ones."""
-        tensor = tensor.detach().to("cpu").contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-        nbytes = tensor.numel() * tensor.element_size()
-        self.entries[name] = _entry(tensor.dtype, tensor.shape, self.offset, self.offset + nbytes)
-        self.offset += nbytes
-        try:
-            self.file.write(memoryview(data))
-            start_writeback(self.file, nbytes)
-        except OSError as exc:
-            raise _io_error(self.path, exc) from None
+        self.write_bands(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
     def write_bands(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], bands) -> None:
         """Append a tensor given band of rows by band of rows (``bands``: CPU or device tensors, in order)."""

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM
 
-from factories import (build, forward_logits, make_adapter, probe_ids, read_output, receipt, run_converter, save_base,
+from factories import (build, forward_logits, gpt2_pair, make_adapter, probe_ids, read_output, receipt, run_converter, save_base,
                        tiny_llama_config)
 
 pytest.importorskip("compressed_tensors")
@@ -107,10 +107,7 @@ def test_bad_fp8_options(pair, value, message, capsys):
 
 
 def test_fp8_of_a_model_without_linear_layers_is_refused(tmp_path, capsys):
-    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    save_base(build(config, GPT2LMHeadModel), tmp_path / "base")
-    make_adapter(build(config, GPT2LMHeadModel), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                            init_lora_weights=False), tmp_path / "adapter")
+    gpt2_pair(tmp_path)
     assert run_converter("merge", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--output",
                          tmp_path / "out", "--quantize", "fp8") == 2
     assert "no nn.Linear layers" in capsys.readouterr().err
@@ -128,11 +125,11 @@ def test_fp8_without_compressed_tensors_is_refused(pair, monkeypatch, capsys):
 @pytest.mark.parametrize("spec", ["fp8", "fp8:block=64"])
 def test_fp8_band_by_band_equals_whole(pair, spec, monkeypatch):
     """Weights quantized (and kept tensors copied) a band of rows at a time give the same files as whole."""
-    from converter import quantize
+    from converter import checkpoint
 
     tag = spec.replace(":", "-").replace("=", "")
     assert merge(pair, f"whole-{tag}", "--quantize", spec, "--verify", "none") == 0
-    monkeypatch.setattr(quantize, "BAND_BYTES", 1)  # one row (or one block of rows) a band
+    monkeypatch.setattr(checkpoint, "BAND_BYTES", 1)  # one row (or one block of rows) a band
     assert merge(pair, f"bands-{tag}", "--quantize", spec, "--verify", "none") == 0
     whole, bands = read_output(pair / f"whole-{tag}-fp8"), read_output(pair / f"bands-{tag}-fp8")
     assert whole.keys() == bands.keys()

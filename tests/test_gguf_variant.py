@@ -332,11 +332,12 @@ def test_streams_one_tensor_at_a_time_from_sharded_checkpoints(tmp_path, tokeniz
     AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.bfloat16).save_pretrained(
         sharded, max_shard_size="50KB")
     assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
-    monkeypatch.setattr(gguf_variant, "CHUNK_BYTES", 4096)  # bands of 32 rows: the 256-row tensors take several
-    reads = []
-    get, read_into = gguf_variant.Checkpoint.get, gguf_variant.read_into
-    monkeypatch.setattr(gguf_variant.Checkpoint, "get", lambda self, name: reads.append(name) or get(self, name))
-    monkeypatch.setattr(gguf_variant, "read_into",
+    from converter import checkpoint
+
+    monkeypatch.setattr(checkpoint, "BAND_BYTES", 4096)  # bands of 32 rows: the 256-row tensors take several
+    reads = []  # every read of the checkpoint (a whole tensor's, or a band's)
+    read_into = checkpoint.read_into
+    monkeypatch.setattr(checkpoint, "read_into",
                         lambda spec, offset, buf: reads.append(spec.name) or read_into(spec, offset, buf))
     gguf_file, counts = export(sharded, "q8_0")
     runs = [name for i, name in enumerate(reads) if i == 0 or reads[i - 1] != name]
