@@ -15,11 +15,13 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from peft import PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -87,6 +89,16 @@ def make_adapter(model, lora_config, path: Path, seed: int = 1, perturb: bool = 
                     p.add_(torch.randn_like(p) * 0.05)
     peft_model.save_pretrained(path)
     return Path(path)
+
+
+def gpt2_pair(path: Path) -> Path:
+    """A tiny GPT-2 base (Conv1D layers, no nn.Linear but lm_head) at ``path/base`` and a LoRA on its attention at
+    ``path/adapter``."""
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    save_base(build(config, GPT2LMHeadModel), path / "base")
+    make_adapter(build(config, GPT2LMHeadModel), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                            init_lora_weights=False), path / "adapter")
+    return path
 
 
 def load_base(base_dir: Path, cls=None, dtype=torch.float32):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bpe_tokenizer import train_bpe
-from factories import (build, forward_logits, make_adapter, probe_ids, receipt, run_converter, save_base,
+from factories import (build, forward_logits, gpt2_pair, make_adapter, probe_ids, receipt, run_converter, save_base,
                        tiny_llama_config)
 
 pytest.importorskip("gguf")
@@ -75,10 +75,7 @@ def test_bad_gguf_options(pair, value, message, capsys):
 
 
 def test_gguf_of_an_unsupported_family_is_refused_before_any_work(tmp_path, capsys):
-    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    save_base(build(config, GPT2LMHeadModel), tmp_path / "base")
-    make_adapter(build(config, GPT2LMHeadModel), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                            init_lora_weights=False), tmp_path / "adapter")
+    gpt2_pair(tmp_path)
     assert run_converter("merge", "--base", tmp_path / "base", "--adapter", tmp_path / "adapter", "--output",
                          tmp_path / "out", "--quantize", "gguf-q8_0") == 2
     assert "GGUF export does not support model_type 'gpt2'" in capsys.readouterr().err

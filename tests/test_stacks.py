@@ -13,8 +13,8 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 
 from converter import merge
-from factories import (assert_state_dicts_match, build, forward_logits, load_base, probe_ids, read_output, receipt,
-                       run_converter, save_base, tiny_llama_config)
+from factories import (assert_state_dicts_match, build, forward_logits, load_base, make_adapter, probe_ids, read_output,
+                       receipt, run_converter, save_base, tiny_llama_config)
 
 PLAIN = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
 RSLORA = dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "gate_proj"],
@@ -39,16 +39,7 @@ def base(tmp_path_factory) -> Path:
 
 def adapter(path: Path, lora: dict, seed: int, **extra) -> Path:
     """An adapter of ``lora`` on the tiny Llama, every trainable tensor randomised (nonzero lora_B)."""
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(build(config()), LoraConfig(**lora, **extra))
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    return path
+    return make_adapter(build(config()), LoraConfig(**lora, **extra), path, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -196,55 +187,44 @@ def test_weights_of_a_mix_reach_the_fingerprint(base, adapters, tmp_path):
     assert receipt(first)["fingerprint"] == receipt(again)["fingerprint"] != receipt(other)["fingerprint"]
 
 
-def test_dora_in_a_weighted_stack_is_refused(base, adapters, tmp_path, capfd):
-    out = tmp_path / "out"
+def refused(base: Path, dirs: list[Path], out: Path, capfd, weights=()) -> str:
+    """Exit 2 with nothing written; what the tool said."""
     capfd.readouterr()
-    assert merged(base, [adapters["plain"], adapters["dora"]], out, weights=[0.5, 0.5]) == 2
-    err = capfd.readouterr().err
-    assert f"adapter 2 ({adapters['dora']})" in err and "DoRA magnitudes" in err and "without --adapter-weight" in err
+    assert merged(base, dirs, out, weights=weights) == 2
     assert not out.exists() and not Path(f"{out}.partial").exists()
+    return capfd.readouterr().err
+
+
+def test_dora_in_a_weighted_stack_is_refused(base, adapters, tmp_path, capfd):
+    err = refused(base, [adapters["plain"], adapters["dora"]], tmp_path / "out", capfd, weights=[0.5, 0.5])
+    assert f"adapter 2 ({adapters['dora']})" in err and "DoRA magnitudes" in err and "without --adapter-weight" in err
 
 
 def test_a_weight_for_some_adapters_only_is_refused(base, adapters, tmp_path, capfd):
-    out = tmp_path / "out"
-    capfd.readouterr()
-    assert merged(base, [adapters["plain"], adapters["rslora"]], out, weights=[0.5]) == 2
-    assert "--adapter-weight is given 1 time(s) for 2 --adapter" in capfd.readouterr().err
-    assert not out.exists()
+    err = refused(base, [adapters["plain"], adapters["rslora"]], tmp_path / "out", capfd, weights=[0.5])
+    assert "--adapter-weight is given 1 time(s) for 2 --adapter" in err
 
 
 def test_adapters_of_different_bases_are_refused_naming_both(base, tmp_path, capfd):
     a = adapter(tmp_path / "a", PLAIN, 1, revision="v1")
     b = adapter(tmp_path / "b", PLAIN, 2, revision="v2")
-    out = tmp_path / "out"
-    capfd.readouterr()
-    assert merged(base, [a, b], out) == 2
-    err = capfd.readouterr().err
+    err = refused(base, [a, b], tmp_path / "out", capfd)
     assert f"adapter 1 ({a}) records base revision v1" in err and f"adapter 2 ({b}) records v2" in err
-    assert not out.exists()
 
 
 def test_an_adapter_that_does_not_fit_is_named_by_its_place(base, adapters, tmp_path, capfd):
     other = adapter(tmp_path / "wide", PLAIN, 4)
     cfg = json.loads((other / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**cfg, "r": 5}))  # its tensors have rank 4
-    out = tmp_path / "out"
-    capfd.readouterr()
-    assert merged(base, [adapters["plain"], other], out) == 2
-    err = capfd.readouterr().err
+    err = refused(base, [adapters["plain"], other], tmp_path / "out", capfd)
     assert f"adapter 2 ({other}): " in err and "r=5" in err
-    assert not out.exists()
 
 
 def test_two_adapters_replacing_one_module_are_refused(base, tmp_path, capfd):
     a = adapter(tmp_path / "a", PLAIN, 1, modules_to_save=["lm_head"])
     b = adapter(tmp_path / "b", PLAIN, 2, modules_to_save=["lm_head"])
-    out = tmp_path / "out"
-    capfd.readouterr()
-    assert merged(base, [a, b], out) == 2
-    err = capfd.readouterr().err
+    err = refused(base, [a, b], tmp_path / "out", capfd)
     assert f"adapter 1 ({a}) replaces lm_head.weight" in err and f"adapter 2 ({b}) also changes it" in err
-    assert not out.exists()
 
 
 def test_a_stack_from_a_manifest(base, adapters, tmp_path, capfd):
